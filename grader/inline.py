@@ -1,0 +1,120 @@
+"""``check("greedy_decode")``: run an exercise's criteria right inside the notebook.
+
+The same Criterion objects the CLI grader runs, called on the functions defined in the notebook.
+A check that does not pass raises ``CheckFailed`` so the cell turns red (learner notebooks tag check
+cells ``raises-exception`` so that CI accepts this).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+import threading
+from contextlib import contextmanager
+
+from grader import labs
+from grader.environment import blocked_reason, probe
+from grader.spec import Context, Criterion, Lab, Learner, Result, gate_failure, quick_mode, run_criterion
+from grader.thresholds import threshold
+
+MARK = {"passed": "✅", "failed": "❌", "timeout": "⏱️", "error": "💥", "blocked": "⏸️"}
+
+
+class CheckFailed(AssertionError):
+    """An inline check did not pass; the printed lines above say which input went wrong."""
+
+
+class _TimeLimit(BaseException):  # BaseException: run_criterion must not turn it into an ordinary error
+    pass
+
+
+def check(
+    name: str, lab: str | None = None, namespace: dict | None = None, seed: int | None = None
+) -> list[Result]:
+    """Run the criteria of exercise (or criterion id) ``name`` on the caller's definitions and print them."""
+    __tracebackhide__ = True  # IPython: show the failure, not the grader's frames
+    ns = namespace if namespace is not None else sys._getframe(1).f_globals
+    the_lab, crits = find(name, lab)
+    hw = probe(os.environ.get("SERVELAB_DEVICE", "auto"))
+    ctx = Context(
+        the_lab.id,
+        hw.device,
+        hw.device_class,
+        quick_mode(),
+        seed if seed is not None else secrets.randbits(31),
+    )
+    learner = Learner(ns)
+    done: dict[str, Result] = {}
+    for crit in sorted(crits, key=lambda c: c.kind == "performance"):  # speed after correctness
+        if reason := blocked_reason(the_lab, crit, hw):
+            res = Result(crit.id, crit.kind, "blocked", 0, crit.points, reason)
+        elif reason := gate_failure(the_lab, crit, done):
+            res = Result(crit.id, crit.kind, "failed", 0, crit.points, reason)
+        else:
+            ctx.threshold = threshold(hw.device_class, the_lab.id, crit.id)
+            res = _run_with_limit(crit, learner, ctx)
+        done[crit.id] = res
+        print(_line(res), flush=True)
+    bad = [r.id for r in done.values() if r.status in ("failed", "timeout", "error")]
+    if bad:
+        raise CheckFailed(
+            f"{name}: {len(bad)} of {len(done)} checks did not pass ({', '.join(bad)}); "
+            f"see the messages above (seed {ctx.seed})"
+        )
+    return list(done.values())
+
+
+def find(name: str, lab_id: str | None = None) -> tuple[Lab, list[Criterion]]:
+    hits = [
+        (lab, [c for c in lab.criteria if name in (c.exercise, c.id)])
+        for lab in labs.all_labs().values()
+        if lab_id in (None, lab.id)
+    ]
+    hits = [(lab, cs) for lab, cs in hits if cs]
+    if not hits:
+        raise KeyError(f"no exercise or criterion named {name!r}" + (f" in lab {lab_id}" if lab_id else ""))
+    if len(hits) > 1:
+        raise KeyError(f"{name!r} exists in labs {[lab.id for lab, _ in hits]}: pass lab=... to check()")
+    return hits[0]
+
+
+def _run_with_limit(crit: Criterion, learner: Learner, ctx: Context) -> Result:
+    try:
+        with _time_limit(crit.timeout_s):
+            return run_criterion(crit, learner, ctx)
+    except _TimeLimit:
+        return Result(
+            crit.id,
+            crit.kind,
+            "timeout",
+            0,
+            crit.points,
+            f"did not finish within {crit.timeout_s:.0f} s (an endless loop?)",
+            {"seed": ctx.seed},
+        )
+
+
+@contextmanager
+def _time_limit(seconds: float):
+    """SIGALRM-based limit (the kernel runs cells in its main thread); no limit where that is unavailable."""
+    if not hasattr(signal, "SIGALRM") or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def on_alarm(signum, frame):
+        raise _TimeLimit()
+
+    old = signal.signal(signal.SIGALRM, on_alarm)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def _line(r: Result) -> str:
+    head = f"{MARK[r.status]} {r.id} [{r.kind}, {r.max_points} pts] {r.status} in {r.seconds:.1f} s: "
+    return head + r.message.replace("\n", "\n    ")

@@ -1,0 +1,47 @@
+"""Wrap a model to see how learner code calls it: tokens per forward, cache use, time per call.
+
+Counting what a decode loop feeds the model gives deterministic evidence of KV caching (one new
+token per step) that does not depend on how busy the machine is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Call:
+    tokens: int  # input_ids.shape[1]: tokens computed by this forward (per row)
+    batch: int
+    max_position: int
+    cached: bool  # a KV cache (view) was passed
+    seconds: float
+
+
+@dataclass
+class CountingModel:
+    """Behaves like the model for ``model(...)``, ``model.forward(...)`` and every attribute."""
+
+    model: object
+    calls: list[Call] = field(default_factory=list)
+
+    def __call__(self, input_ids, positions=None, cache=None):
+        from servelab.timing import timer
+
+        with timer(input_ids.device) as t:
+            out = self.model(input_ids, positions, cache)
+        pos = int(positions.max()) if positions is not None and positions.numel() else input_ids.shape[1] - 1
+        self.calls.append(Call(input_ids.shape[1], input_ids.shape[0], pos, cache is not None, t.elapsed_s))
+        return out
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def __getattr__(self, name):  # config, device, dtype, new_cache, ... come from the real model
+        if name == "model":  # not yet set (copy, pickle): avoid recursing forever
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+    @property
+    def forward_tokens(self) -> int:
+        return sum(c.tokens * c.batch for c in self.calls)

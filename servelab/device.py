@@ -1,0 +1,162 @@
+"""The one place that decides what hardware servelab runs on.
+
+Lab code never branches on hardware: it asks this module for the torch device, the Triton module
+(compiled on CUDA, the interpreter on CPU) and the torch.distributed backend (NCCL or gloo).
+
+Triton reads ``TRITON_INTERPRET`` when it is imported, so ``configure_triton_env()`` runs when
+``servelab`` is imported and ``import_triton()`` refuses to hand out a Triton that was imported
+before servelab in the wrong mode (the notebook mistake this guards against).
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import platform
+import sys
+from types import ModuleType
+
+import torch
+
+DEVICE_ENV = "SERVELAB_DEVICE"  # "auto" (default), "cpu" or "cuda"
+
+
+class DeviceError(RuntimeError):
+    """Asked for hardware this machine does not have, or Triton imported in the wrong mode."""
+
+
+def cuda_available() -> bool:
+    return torch.cuda.is_available()
+
+
+def get_device(request: str | torch.device | None = None) -> torch.device:
+    """Resolve "auto" | "cpu" | "cuda" (default: $SERVELAB_DEVICE, else auto) to a torch.device."""
+    if isinstance(request, torch.device):
+        request = str(request)
+    request = (request or os.environ.get(DEVICE_ENV) or "auto").lower()
+    if request == "auto":
+        return torch.device("cuda" if cuda_available() else "cpu")
+    if request == "cpu":
+        return torch.device("cpu")
+    if request.startswith("cuda"):
+        if not cuda_available():
+            raise DeviceError(
+                f"device {request!r} was requested but this machine has no CUDA GPU "
+                f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}). "
+                f"Use device='cpu' (or 'auto'), or unset {DEVICE_ENV}."
+            )
+        return torch.device(request)
+    raise DeviceError(f"unknown device {request!r}: use 'auto', 'cpu' or 'cuda'")
+
+
+def device_class(device: str | torch.device | None = None) -> str:
+    """Key for per-hardware thresholds: 'cpu', 'h200', 'h100', 'a100', 'l4', ... or 'unknown-gpu'."""
+    dev = get_device(device)
+    if dev.type != "cuda":
+        return "cpu"
+    name = torch.cuda.get_device_name(dev).lower()
+    for key in ("h200", "h100", "a100", "l40s", "l4", "a10g", "4090", "t4"):
+        if key in name:
+            return key
+    return "unknown-gpu"
+
+
+def synchronize(device: str | torch.device | None = None) -> None:
+    dev = get_device(device)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def dist_backend() -> str:
+    """torch.distributed backend for the disaggregation lab: NCCL between GPUs, gloo on CPU."""
+    return "nccl" if cuda_available() and torch.distributed.is_nccl_available() else "gloo"
+
+
+# ----------------------------------------------------------------------------- Triton
+def wants_interpreter() -> bool:
+    return not cuda_available()
+
+
+def configure_triton_env() -> None:
+    """Set TRITON_INTERPRET=1 on machines without CUDA, before anything imports triton."""
+    if wants_interpreter() and "triton" not in sys.modules:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_mode() -> str:
+    """'compiled' (CUDA), 'interpreter' (CPU, TRITON_INTERPRET=1) or 'missing'."""
+    if not triton_installed():
+        return "missing"
+    return "interpreter" if os.environ.get("TRITON_INTERPRET") == "1" else "compiled"
+
+
+def import_triton() -> ModuleType:
+    """Return the ``triton`` module in the right mode for this machine, or explain how to fix it."""
+    if not triton_installed():
+        raise DeviceError("triton is not installed: `pip install triton` (Linux) to run the kernel labs")
+    if wants_interpreter() and os.environ.get("TRITON_INTERPRET") != "1":
+        raise DeviceError(
+            "this machine has no CUDA GPU, so Triton must run in its interpreter, but triton was "
+            "imported before servelab and without TRITON_INTERPRET=1. Restart the kernel and run "
+            "`import servelab` before any `import triton` (or set TRITON_INTERPRET=1 first)."
+        )
+    configure_triton_env()
+    return importlib.import_module("triton")
+
+
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "cpu"
+
+
+def describe() -> dict:
+    """What this machine has, for `servelab doctor`, notebook setup cells and grader reports."""
+    dev = get_device("auto")
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
+        "device_class": device_class(dev),
+        "cuda": torch.version.cuda,
+        "gpus": torch.cuda.device_count() if dev.type == "cuda" else 0,
+        "cpu_threads": torch.get_num_threads(),
+        "triton_mode": triton_mode(),
+        "dist_backend": dist_backend(),
+    }
+    if triton_installed():
+        from importlib.metadata import version
+
+        info["triton"] = version("triton")
+    return info
+
+
+LAB_NEEDS = {
+    # lab -> (what it needs, what runs without it)
+    "00_warmup": "cpu",
+    "01_batching": "cpu",
+    "02_paged_attention": "triton",
+    "03_speculative": "cpu",
+    "04_disaggregation": "two_workers",
+}
+
+
+def lab_support(info: dict | None = None) -> dict[str, str]:
+    """For each lab: 'full', 'interpreter' (kernels in Triton's slow interpreter) or 'blocked'."""
+    info = info or describe()
+    out = {}
+    for lab, need in LAB_NEEDS.items():
+        if need == "triton":
+            mode = info["triton_mode"]
+            out[lab] = {"compiled": "full", "interpreter": "interpreter"}.get(mode, "blocked")
+        elif need == "two_workers":
+            out[lab] = "full" if info["gpus"] >= 2 else "full (gloo, CPU processes)"
+        else:
+            out[lab] = "full"
+    return out

@@ -1,0 +1,140 @@
+"""`servelab tour`: the main job. Loads the default models, generates, and prints each lab's headline.
+
+Each lab adds one section (a function returning a dict of results) to ``SECTIONS``.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from tqdm.auto import tqdm
+
+from servelab.acceptance import measure_acceptance
+from servelab.device import describe
+from servelab.loader import load_draft, load_model, load_tokenizer
+from servelab.workloads import fixed, make_trace, standard_trace, all_at_once
+
+PROMPTS = [
+    "def fibonacci(n):\n",
+    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def __init__(self):\n",
+    "import os\nimport sys\n\n\ndef main():\n",
+    "    def __repr__(self):\n        return",
+]
+
+
+def section_models(ctx: dict) -> dict:
+    table = Table(title="default models")
+    for col in ("model", "layers", "hidden", "heads (q/kv)", "params", "weights MiB", "KV KiB/token"):
+        table.add_column(col, justify="right" if col != "model" else "left")
+    out = {}
+    for role in ("target", "draft"):
+        m = ctx[role]
+        c = m.config
+        params = sum(p.numel() for p in m.parameters())
+        mib = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
+        kv = c.kv_bytes_per_token(m.lm_head.weight.element_size()) / 1024
+        table.add_row(f"{role}: {m.name}", str(c.num_layers), str(c.hidden_size), f"{c.num_heads}/{c.num_kv_heads}",
+                      f"{params / 1e6:.2f}M", f"{mib:.1f}", f"{kv:.1f}")
+        out[role] = {"name": m.name, "params": params, "weights_mib": round(mib, 2), "kv_kib_per_token": kv}
+    ctx["console"].print(table)
+    return out
+
+
+def section_generate(ctx: dict) -> dict:
+    from servelab.reference.warmup import greedy_decode  # lab 00's solution: greedy decoding with a KV cache
+
+    tok, n = ctx["tokenizer"], ctx["new_tokens"]
+    out = {}
+    for role in ("target", "draft"):
+        model, tokens, seconds, texts = ctx[role], 0, 0.0, []
+        for prompt in tqdm(PROMPTS, desc=f"generating ({role})", leave=False):
+            ids = tok(prompt, add_special_tokens=False)["input_ids"]
+            t0 = time.perf_counter()
+            new = greedy_decode(model, ids, n, tok.eos_token_id)
+            seconds += time.perf_counter() - t0
+            tokens += len(new)
+            texts.append(prompt + tok.decode(new))
+        out[role] = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
+        if role == "target":
+            for text in texts[:2]:
+                ctx["console"].rule("[dim]target, greedy")
+                ctx["console"].print(text, markup=False, highlight=False)
+    return out
+
+
+def section_acceptance(ctx: dict) -> dict:
+    trace = make_trace("tour-acceptance", ctx["acceptance_prompts"], fixed(32), fixed(ctx["new_tokens"]),
+                       all_at_once(), seed=11, encode=ctx["tokenizer"])
+    prompts = [r.prompt_ids for r in tqdm(trace.requests, desc="held-out prompts", leave=False)]
+    acc = measure_acceptance(ctx["target"], ctx["draft"], prompts, ctx["new_tokens"], gamma=4)
+    return acc.to_dict()
+
+
+def section_batching(ctx: dict) -> dict:
+    """Lab 01's headline: static vs continuous batching on the skewed trace (8 slots), timed in pairs."""
+    from servelab.engine import WallClock
+    from servelab.reference.batching import continuous_batching, static_batching
+    from servelab.timing import paired_benchmark
+
+    model, eos = ctx["target"], ctx["tokenizer"].eos_token_id
+    trace = standard_trace("skewed", encode=ctx["tokenizer"], scale=0.25 if ctx["quick"] else 1.0)
+    runs = {}
+
+    def static():
+        runs["static"] = static_batching(model, trace.requests, 8, eos, WallClock())
+
+    def continuous():
+        runs["continuous"] = continuous_batching(model, trace.requests, 8, 2048, eos, WallClock())
+
+    timing = paired_benchmark(static, continuous, repeats=1, warmup=0, progress=True,
+                              baseline_name="static", candidate_name="continuous")
+    s, c = runs["static"], runs["continuous"]
+    steps_ratio = s.steps / c.steps
+    return {"trace": trace.describe(), "static": s.summary(), "continuous": c.summary(),
+            "speedup": round(timing.speedup, 3), "steps_ratio": round(steps_ratio, 3),
+            "headline": {f"lab 01: continuous vs static batching ({len(trace)} requests, 8 slots)":
+                         f"{timing.speedup:.2f}x tokens/s, {steps_ratio:.2f}x fewer steps"}}
+
+
+SECTIONS: list[tuple[str, Callable[[dict], dict]]] = [
+    ("models", section_models),
+    ("generation", section_generate),
+    ("draft_acceptance", section_acceptance),
+    ("batching", section_batching),
+]
+
+
+def run_tour(model=None, draft=None, device=None, quick: bool = False, console: Console | None = None) -> dict:
+    console = console or Console()
+    info = describe()
+    console.print(f"[bold]servelab tour[/] on {info['device']} ({info['device_name']}), torch {info['torch']}, "
+                  f"Triton {info['triton_mode']}")
+    torch.manual_seed(0)
+    ctx = {
+        "console": console,
+        "target": load_model(model, device=device),
+        "draft": load_draft(draft, device=device),
+        "tokenizer": load_tokenizer(model),
+        "new_tokens": 24 if quick else 64,
+        "acceptance_prompts": 4 if quick else 16,
+        "quick": quick,
+    }
+    results = {"machine": info}
+    for name, section in SECTIONS:
+        results[name] = section(ctx)
+    summary = Table(title="servelab tour: headline numbers")
+    summary.add_column("what")
+    summary.add_column("value", justify="right")
+    g = results["generation"]
+    summary.add_row("target decode, batch 1 (KV cache)", f"{g['target']['tokens_per_s']:.0f} tokens/s")
+    summary.add_row("draft decode, batch 1 (KV cache)", f"{g['draft']['tokens_per_s']:.0f} tokens/s")
+    a = results["draft_acceptance"]
+    summary.add_row("draft acceptance alpha (greedy, 4 drafted/round)", f"{a['alpha']:.2f}  ({a['accepted']}/{a['checked']})")
+    for name, _ in SECTIONS:
+        for label, value in results[name].get("headline", {}).items():
+            summary.add_row(label, value)
+    console.print(summary)
+    return results

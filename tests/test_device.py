@@ -1,0 +1,85 @@
+"""Device selection and the Triton interpreter guard."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from servelab import device
+
+needs_cpu_only = pytest.mark.skipif(torch.cuda.is_available(), reason="checks CPU-only behaviour")
+
+
+def run_py(code: str, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | env
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full_env, timeout=120)
+
+
+def test_auto_and_cpu(monkeypatch):
+    monkeypatch.delenv(device.DEVICE_ENV, raising=False)
+    assert device.get_device("cpu") == torch.device("cpu")
+    assert device.get_device().type == ("cuda" if torch.cuda.is_available() else "cpu")
+    monkeypatch.setenv(device.DEVICE_ENV, "cpu")
+    assert device.get_device() == torch.device("cpu")
+
+
+@needs_cpu_only
+def test_cuda_request_on_cpu_machine_is_a_clear_error():
+    with pytest.raises(device.DeviceError, match="no CUDA GPU.*device='cpu'"):
+        device.get_device("cuda")
+    assert device.device_class() == "cpu"
+    assert device.dist_backend() == "gloo"
+
+
+def test_unknown_device_name():
+    with pytest.raises(device.DeviceError, match="unknown device"):
+        device.get_device("tpu")
+
+
+def test_describe_reports_lab_support():
+    info = device.describe()
+    assert {"torch", "device", "triton_mode", "dist_backend"} <= info.keys()
+    support = device.lab_support(info)
+    assert set(support) == set(device.LAB_NEEDS)
+    assert all(v.startswith(("full", "interpreter", "blocked")) for v in support.values())
+
+
+@needs_cpu_only
+def test_importing_servelab_first_puts_triton_in_interpreter_mode():
+    code = ("import os, servelab; t = servelab.import_triton(); "
+            "print(os.environ.get('TRITON_INTERPRET'), servelab.device.triton_mode())")
+    out = run_py(code)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["1", "interpreter"]
+
+
+@needs_cpu_only
+def test_triton_imported_first_is_refused_with_instructions():
+    out = run_py("import triton, servelab; servelab.import_triton()")
+    assert out.returncode != 0
+    assert "import servelab` before any `import triton`" in out.stderr
+
+
+@needs_cpu_only
+def test_a_triton_kernel_runs_in_the_interpreter_on_cpu():
+    code = """
+import servelab, torch
+triton = servelab.import_triton()
+import triton.language as tl
+
+@triton.jit
+def add(x_ptr, y_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < n
+    tl.store(out_ptr + offs, tl.load(x_ptr + offs, mask=mask) + tl.load(y_ptr + offs, mask=mask), mask=mask)
+
+x, y = torch.randn(100), torch.randn(100)
+out = torch.empty(100)
+add[(4,)](x, y, out, 100, BLOCK=32)
+assert torch.allclose(out, x + y), (out - x - y).abs().max()
+print("ok")
+"""
+    out = run_py(code)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "ok"

@@ -1,0 +1,51 @@
+"""Inline check(): the grader's criteria, run on a notebook's own namespace."""
+
+from __future__ import annotations
+
+import pytest
+
+from grader.inline import CheckFailed, check
+
+
+def ns(src: str) -> dict:
+    namespace = {"__name__": "__main__"}
+    exec(src, namespace)  # noqa: S102
+    return namespace
+
+
+def test_passing_check_prints_and_returns_results(capsys):
+    results = check("mean", namespace=ns("def mean(xs):\n    return sum(xs) / len(xs)"))
+    assert {r.id: r.status for r in results} == {
+        "mean_values": "passed",
+        "mean_on_gpu": "blocked",
+        "mean_speed": "blocked",
+    }
+    out = capsys.readouterr().out
+    assert "mean_values" in out and "passed" in out and "blocked" in out
+
+
+def test_failing_check_raises_with_the_input_that_went_wrong(capsys):
+    with pytest.raises(CheckFailed, match="mean_values"):
+        check("mean", namespace=ns("def mean(xs):\n    return xs[0] + 1.0"))
+    out = capsys.readouterr().out
+    assert "list 0" in out and "expected" in out and "Hint: sum(xs) / len(xs)" in out
+
+
+def test_check_uses_the_callers_globals():
+    global mean
+
+    def mean(xs):
+        return sum(xs) / len(xs)
+
+    assert check("mean_values")[0].status == "passed"
+
+
+def test_inline_timeout(capsys):
+    with pytest.raises(CheckFailed):
+        check("spin", namespace=ns("def spin(n):\n    while True:\n        pass"))
+    assert "did not finish within 4 s" in capsys.readouterr().out
+
+
+def test_unknown_name():
+    with pytest.raises(KeyError, match="no exercise or criterion named 'nope'"):
+        check("nope", namespace={})
