@@ -7,14 +7,17 @@ Split: a file is held out when the first byte of sha256(relative path) is divisi
 Steps (all seeded):
 1. a byte-level BPE tokenizer (vocab 4096) trained with ``tokenizers`` on the training files;
 2. the **target**: Llama, 6 layers, hidden 256, 4 query heads / 2 KV heads (GQA), head_dim 64;
-3. the **draft**: 1 layer with the target's shapes, initialised from the target's embedding,
-   first layer and final norm, then distilled from the target's logits, half of each batch being the
-   target's own greedy continuations (on-policy), until greedy acceptance alpha >= --alpha-goal;
+3. the **draft**: 2 layers with the target's shapes, initialised from the target's embedding, first and
+   last layers and final norm, then distilled from the target's logits (KL + cross-entropy on its argmax),
+   half of each batch being the target's own greedy continuations (on-policy), in rounds until greedy
+   acceptance alpha >= --alpha-goal;
 4. evaluation of the saved bf16 weights: held-out perplexity of both models, alpha at 4 drafted
    tokens per round, greedy samples; everything goes into a model card (README.md) beside the weights.
 
-Usage:  python scripts/train_default_models.py            # ~1 hour on 2 CPU cores
-        python scripts/train_default_models.py --eval-only  # re-measure the committed models
+Usage:  python scripts/train_default_models.py                  # ~1 hour on 2 CPU cores
+        python scripts/train_default_models.py --reuse-target   # keep the target, train only the draft
+        python scripts/train_default_models.py --eval-only      # re-measure the committed models with
+                                                                # servelab's own runtime
 """
 from __future__ import annotations
 
@@ -36,10 +39,10 @@ DATA = ROOT / "servelab" / "data"
 EXCLUDED_PARTS = {"site-packages", "test", "tests", "idle_test", "__pycache__", "encodings", "lib2to3"}
 EOS = "<|endoftext|>"
 VOCAB = 4096
-SAMPLE_PROMPTS = [
-    "def fibonacci(n):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
-    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def __init__(self):\n",
+SAMPLE_PROMPTS = [  # end mid-line: after a bare "\n" the model cannot see the next line's indentation
+    "def fibonacci(n):\n    if n <",
+    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def push(self, item):\n        self.",
+    "import os\nimport sys\n\n\ndef main(argv):\n    parser =",
     "    def __repr__(self):\n        return",
     "# Read the configuration file and",
 ]
@@ -190,14 +193,17 @@ def greedy_continuations(model, prompts: torch.Tensor, new_tokens: int) -> torch
     return torch.cat(seq, dim=1)
 
 
-def distill_draft(target, tokens, steps, batch, length, seed, log, draft=None, round_idx=0):
+def distill_draft(target, tokens, steps, batch, length, seed, log, draft=None, round_idx=0, layers=2):
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     if draft is None:
-        draft = LlamaForCausalLM(llama_config(1))
+        draft = LlamaForCausalLM(llama_config(layers))
         draft.model.embed_tokens.weight.data.copy_(target.model.embed_tokens.weight.data)
-        draft.model.layers[0].load_state_dict(target.model.layers[0].state_dict())
+        n = len(target.model.layers)
+        picks = [0] if layers == 1 else [round(i * (n - 1) / (layers - 1)) for i in range(layers)]
+        for mine, theirs in enumerate(picks):  # first and last layers of the target (layer dropping)
+            draft.model.layers[mine].load_state_dict(target.model.layers[theirs].state_dict())
         draft.model.norm.load_state_dict(target.model.norm.state_dict())
     gen = torch.Generator().manual_seed(seed + 7)
     # on-policy pool: the target's own greedy continuations of corpus prompts
@@ -221,18 +227,16 @@ def distill_draft(target, tokens, steps, batch, length, seed, log, draft=None, r
             t_logits = target(x).logits.float()
         with torch.autocast("cpu", dtype=torch.bfloat16):
             d_logits = draft(x).logits.float()
-        loss = F.kl_div(
-            F.log_softmax(d_logits, -1).reshape(-1, VOCAB),
-            F.log_softmax(t_logits, -1).reshape(-1, VOCAB),
-            log_target=True,
-            reduction="batchmean",
-        )
+        d_logp = F.log_softmax(d_logits, -1).reshape(-1, VOCAB)
+        kl = F.kl_div(d_logp, F.log_softmax(t_logits, -1).reshape(-1, VOCAB), log_target=True, reduction="batchmean")
+        # greedy acceptance is a top-1 match: also fit the target's argmax directly
+        loss = kl + F.nll_loss(d_logp, t_logits.argmax(-1).reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), 1.0)
         opt.step()
         if step % 50 == 0 or step == steps - 1:
-            log(f"draft round {round_idx} step {step}/{steps} KL {loss.item():.3f} ({time.time() - t0:.0f}s)")
+            log(f"draft round {round_idx} step {step}/{steps} KL {kl.item():.3f} loss {loss.item():.3f} ({time.time() - t0:.0f}s)")
     return draft
 
 
@@ -333,6 +337,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--target-steps", type=int, default=2000)
     ap.add_argument("--draft-steps", type=int, default=1000)
+    ap.add_argument("--draft-layers", type=int, default=2)
+    ap.add_argument("--reuse-target", action="store_true",
+                    help="keep the tokenizer and target in --out (trained by an earlier run); train only the draft")
     ap.add_argument("--alpha-goal", type=float, default=0.77)
     ap.add_argument("--max-draft-rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
@@ -351,28 +358,42 @@ def main() -> None:
     log(f"corpus: {len(corpus['train'])} train / {len(corpus['heldout'])} held-out files, sha256 {corpus['sha256'][:16]}")
     target_dir, draft_dir = args.out / "servelab-target", args.out / "servelab-draft"
 
-    if args.eval_only:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+    if args.eval_only:  # an independent re-measurement: servelab's runtime and its alpha replay
+        sys.path.insert(0, str(ROOT))
+        from servelab import load_model, load_tokenizer
+        from servelab.acceptance import measure_acceptance
 
-        tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        tokenizer = load_tokenizer(target_dir)
         held = encode_docs(tokenizer, [t for _, t in corpus["heldout"]])
-        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
-        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
-        print(json.dumps({"target_ppl": perplexity(target, held), "draft_ppl": perplexity(draft, held),
-                          "acceptance": acceptance(target, draft, held)}, indent=1))
+        gen = torch.Generator().manual_seed(1234)  # the same prompts as acceptance() draws
+        prompts = batch_windows(held, 40, 32, gen)[:, :32].tolist()
+        acc = measure_acceptance(load_model(target_dir), load_model(draft_dir), prompts, 96, gamma=4)
+        print(json.dumps(acc.to_dict(), indent=1))
         return
 
-    tokenizer = train_tokenizer([t for _, t in corpus["train"]])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    report_file = args.out / "training_report.json"
+    if args.reuse_target:
+        tokenizer = AutoTokenizer.from_pretrained(target_dir)
+        previous = json.loads(report_file.read_text())["target"] if report_file.exists() else {}
+        target_loss = previous.get("final_train_loss", float("nan"))
+    else:
+        tokenizer = train_tokenizer([t for _, t in corpus["train"]])
     train = encode_docs(tokenizer, [t for _, t in corpus["train"]])
     held = encode_docs(tokenizer, [t for _, t in corpus["heldout"]])
     log(f"tokens: {len(train)} train / {len(held)} held-out ({time.time() - t_start:.0f}s)")
 
-    target, target_loss = train_target(train, args.target_steps, 16, 256, args.seed, log)
-    save_model(target, tokenizer, target_dir)
+    if not args.reuse_target:
+        target, target_loss = train_target(train, args.target_steps, 16, 256, args.seed, log)
+        save_model(target, tokenizer, target_dir)
+    # distil from the target exactly as shipped (bf16 weights), so --reuse-target reproduces a full run
+    target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
 
     draft, rounds, history = None, 0, []
     while rounds < args.max_draft_rounds:
-        draft = distill_draft(target, train, args.draft_steps, 16, 128, args.seed + 100 + rounds, log, draft, rounds)
+        draft = distill_draft(target, train, args.draft_steps, 16, 128, args.seed + 100 + rounds, log, draft, rounds,
+                              args.draft_layers)
         rounds += 1
         acc = acceptance(target, draft, held)
         history.append(round(acc["alpha"], 4))
@@ -382,8 +403,6 @@ def main() -> None:
     save_model(draft, tokenizer, draft_dir)
 
     # evaluate exactly what is shipped: reload the bf16 files in fp32
-    from transformers import AutoModelForCausalLM
-
     target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32)
     draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32)
     report = {
@@ -391,11 +410,12 @@ def main() -> None:
         | {"train_files": len(corpus["train"]), "heldout_files": len(corpus["heldout"]),
            "train_tokens": len(train), "heldout_tokens": len(held)},
         "seed": args.seed,
+        "command": "python scripts/train_default_models.py" + (" --reuse-target" if args.reuse_target else ""),
         "target": {"steps": args.target_steps, "batch": 16, "seq_len": 256, "final_train_loss": round(target_loss, 4),
                    "heldout_ppl": round(perplexity(target, held), 2),
                    "greedy_distinct_4grams": round(distinct_4grams(target, held), 3),
                    "params": sum(p.numel() for p in target.parameters())},
-        "draft": {"rounds": rounds, "steps_per_round": args.draft_steps, "alpha_per_round": history,
+        "draft": {"layers": args.draft_layers, "rounds": rounds, "steps_per_round": args.draft_steps, "alpha_per_round": history,
                   "heldout_ppl": round(perplexity(draft, held), 2),
                   "params": sum(p.numel() for p in draft.parameters())},
         "acceptance": acceptance(target, draft, held),
@@ -404,7 +424,7 @@ def main() -> None:
         "torch": torch.__version__,
     }
     write_heldout_sample(corpus["heldout"])
-    (args.out / "training_report.json").write_text(json.dumps(report, indent=1) + "\n")
+    report_file.write_text(json.dumps(report, indent=1) + "\n")
     write_model_cards(report, target_dir, draft_dir)
     log(json.dumps({k: report[k] for k in ("target", "draft", "acceptance")}, indent=1))
 
@@ -436,7 +456,7 @@ Draft acceptance rate, greedy, 4 drafted tokens per round: **alpha = {a['alpha']
 first rejection; {a['prompts']} held-out prompts of {a['prompt_tokens']} tokens, {a['new_tokens']} new tokens each,
 {a['rounds']} rounds).
 
-Measured by `python scripts/train_default_models.py` (seed {r['seed']}, {r['train_seconds']} s on 2 CPU cores,
+Measured by `{r['command']}` (seed {r['seed']}, {r['train_seconds']} s on 2 CPU cores,
 torch {r['torch']}); re-measure the committed weights with `python scripts/train_default_models.py --eval-only`.
 """
     (target_dir / "README.md").write_text(f"""---
@@ -466,9 +486,9 @@ pipeline_tag: text-generation
 # servelab-draft
 
 The default **draft** model for speculative decoding with `servelab-target`: the target's shapes with
-1 layer, initialised from the target's embedding, first layer and final norm, then distilled from
-the target's logits (KL), half of each batch being the target's own greedy continuations
-(on-policy). {d['rounds']} round(s) of {d['steps_per_round']} steps; alpha after each round: {d['alpha_per_round']}.
+{d['layers']} layer(s), initialised from the target's embedding, first and last layers and final norm, then
+distilled from the target's logits (KL plus cross-entropy on the target's argmax), half of each batch
+being the target's own greedy continuations (on-policy). {d['rounds']} round(s) of {d['steps_per_round']} steps; alpha after each round: {d['alpha_per_round']}.
 {common}""")
 
 

@@ -20,12 +20,9 @@ def reference_attention(
     Query head h uses KV head h // (Hq // Hkv), as in Hugging Face's ``repeat_kv``. Padding queries
     (position -1) get zeros instead of NaNs so a padded batch never poisons anything downstream.
     """
-    group = q.shape[1] // k.shape[1]
-    if group > 1:
-        k = k.repeat_interleave(group, dim=1)
-        v = v.repeat_interleave(group, dim=1)
     allowed = (k_pos[:, None, :] >= 0) & (k_pos[:, None, :] <= q_pos[:, :, None])  # [B, T, S]
     has_key = allowed.any(-1, keepdim=True)  # [B, T, 1]
     allowed = allowed | ~has_key  # keep softmax finite for padding rows, zeroed below
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=1.0 / math.sqrt(q.shape[-1]))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed[:, None], scale=1.0 / math.sqrt(q.shape[-1]),
+                                         enable_gqa=q.shape[1] != k.shape[1])  # no copy of K/V per query head
     return out * has_key[:, None].to(out.dtype)

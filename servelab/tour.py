@@ -17,10 +17,10 @@ from servelab.device import describe
 from servelab.loader import load_draft, load_model, load_tokenizer
 from servelab.workloads import fixed, make_trace, standard_trace, all_at_once
 
-PROMPTS = [
-    "def fibonacci(n):\n",
-    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def __init__(self):\n",
-    "import os\nimport sys\n\n\ndef main():\n",
+PROMPTS = [  # each ends mid-line: a prompt ending in "\n" hides the indentation the next token carries
+    "def fibonacci(n):\n    if n <",
+    "class Stack:\n    \"\"\"A last-in, first-out stack.\"\"\"\n\n    def push(self, item):\n        self.",
+    "import os\nimport sys\n\n\ndef main(argv):\n    parser =",
     "    def __repr__(self):\n        return",
 ]
 

@@ -22,9 +22,10 @@ ENV = dict(os.environ, SERVELAB_QUICK="1", MPLBACKEND="Agg")  # CI sizes; no dis
 
 
 @pytest.mark.slow
-def test_notebooks_execute():
-    """Solution notebooks run clean; learner notebooks run with only their exercise/check cells raising."""
-    paths = [str(ROOT / d / lab.id / lab.notebook) for d in ("solutions", "labs") for lab in REAL_LABS]
+@pytest.mark.parametrize("lab", REAL_LABS, ids=IDS)
+def test_notebooks_execute(lab):
+    """The solution notebook runs clean; the learner one runs with only exercise/check/experiment cells raising."""
+    paths = [str(ROOT / d / lab.id / lab.notebook) for d in ("solutions", "labs")]
     res = subprocess.run(
         [
             sys.executable,
@@ -37,9 +38,9 @@ def test_notebooks_execute():
             "--nbval-cell-timeout=300",
             *paths,
         ],
+        check=False,
         cwd=ROOT,
         env=ENV,
-        check=False,
         capture_output=True,
         text=True,
         timeout=900,
