@@ -127,7 +127,7 @@ def continuous_batching(model, requests, max_running: int, max_step_tokens: int,
             budget -= request.prompt_len
         new_tokens = {}  # slot -> token produced this step
         if running:
-            slots = list(running)
+            slots = sorted(running)  # when slots 0..n-1 are all busy, the cache is read as a view (no gather)
             last = torch.tensor([[running[s][1].tokens[-1]] for s in slots], device=device)
             positions = torch.tensor([[running[s][0].prompt_len + len(running[s][1].tokens) - 1] for s in slots],
                                      device=device)
