@@ -456,7 +456,7 @@ Draft acceptance rate, greedy, 4 drafted tokens per round: **alpha = {a['alpha']
 first rejection; {a['prompts']} held-out prompts of {a['prompt_tokens']} tokens, {a['new_tokens']} new tokens each,
 {a['rounds']} rounds).
 
-Measured by `{r['command']}` (seed {r['seed']}, {r['train_seconds']} s on 2 CPU cores,
+Measured by `{r['command']}` (seed {r['seed']}, {r['train_seconds']} s on 2 CPU cores{r.get('seconds_note', '')},
 torch {r['torch']}); re-measure the committed weights with `python scripts/train_default_models.py --eval-only`.
 """
     (target_dir / "README.md").write_text(f"""---
