@@ -89,11 +89,6 @@ def _version(pkg: str) -> str | None:
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip() + f" ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    from servelab.device import cpu_name
+
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
