@@ -58,21 +58,22 @@ class ContiguousKVCache:
 
     def rows(self, slot_ids: Sequence[int] | torch.Tensor) -> "SlotView":
         """The cache as seen by a batch whose row i belongs to slot ``slot_ids[i]``."""
-        slots = torch.as_tensor(slot_ids, dtype=torch.long, device=self.k.device).reshape(-1)
-        if slots.numel() and (slots.min() < 0 or slots.max() >= self.num_slots):
-            raise ValueError(f"slot ids {slots.tolist()} out of range: this cache has {self.num_slots} slots")
-        if slots.unique().numel() != slots.numel():
-            raise ValueError(f"slot ids {slots.tolist()} repeat: two rows of one batch cannot share a slot")
-        return SlotView(self, slots)
+        ids = [int(s) for s in (slot_ids.tolist() if isinstance(slot_ids, torch.Tensor) else slot_ids)]
+        if ids and (min(ids) < 0 or max(ids) >= self.num_slots):  # checked in Python: a decode step does this
+            raise ValueError(f"slot ids {ids} out of range: this cache has {self.num_slots} slots")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"slot ids {ids} repeat: two rows of one batch cannot share a slot")
+        return SlotView(self, ids)
 
 
 class SlotView(KVCache):
-    def __init__(self, cache: ContiguousKVCache, slots: torch.Tensor):
-        self.cache, self.slots = cache, slots
+    def __init__(self, cache: ContiguousKVCache, ids: list[int]):
+        self.cache = cache
+        self.slots = torch.tensor(ids, dtype=torch.long, device=cache.k.device)
         # Attention reads slots 0..n-1 of the cache as a view (no copy of K/V). Rows of this batch are
         # scattered into that range; slots in it that this batch does not use are treated as padding.
-        self.n = int(slots.max()) + 1 if slots.numel() else 0
-        self.identity = self.n == slots.numel() and torch.equal(slots, torch.arange(self.n, device=slots.device))
+        self.n = max(ids) + 1 if ids else 0
+        self.identity = ids == list(range(self.n))
 
     def attend(self, layer, q, k, v, positions):
         if positions.shape[0] != self.slots.numel():

@@ -13,7 +13,7 @@ from rich.table import Table
 from tqdm.auto import tqdm
 
 from servelab.acceptance import measure_acceptance
-from servelab.device import describe
+from servelab.device import describe, get_device
 from servelab.loader import load_draft, load_model, load_tokenizer
 from servelab.workloads import fixed, make_trace, standard_trace, all_at_once
 
@@ -113,6 +113,8 @@ def run_tour(model=None, draft=None, device=None, quick: bool = False, console: 
     console.print(f"[bold]servelab tour[/] on {info['device']} ({info['device_name']}), torch {info['torch']}, "
                   f"Triton {info['triton_mode']}")
     torch.manual_seed(0)
+    if get_device(device).type == "cpu":
+        torch.set_num_threads(1)  # small batches through a small model: one thread is fastest and steadiest
     ctx = {
         "console": console,
         "target": load_model(model, device=device),

@@ -1,6 +1,6 @@
 """Seeded request traces: who arrives when, with how long a prompt, asking for how many tokens.
 
-Every lab and the grader build their workloads here, so "the skewed trace" means the same 64 requests
+Every lab and the grader build their workloads here, so "the skewed trace" means the same 128 requests
 everywhere. A trace is a pure function of its parameters and seed: same seed, same trace.
 
 Lengths, arrivals and prompt text come from three independent random streams spawned from the seed, so
@@ -243,13 +243,14 @@ def make_trace(name: str, n_requests: int, prompt_len: LengthDist, output_len: L
 _STANDARD: dict[str, tuple[str, int, LengthDist, LengthDist, Arrivals, int]] = {
     "uniform": ("64 requests, prompts 24-40 tokens, outputs uniform 16-128, all at t=0",
                 64, uniform(24, 40), uniform(16, 128), all_at_once(), 1),
-    # skewed outputs like chat traffic: half the requests want <= 45 tokens, one in ten wants > 270
-    "skewed": ("64 requests, prompts 16-64 tokens, outputs log-uniform 4-512 (many short, few long), all at t=0",
-               64, uniform(16, 64), log_uniform(4, 512), all_at_once(), 0),
-    "poisson": ("skewed lengths, Poisson arrivals at 8 requests/s",
-                64, uniform(16, 64), log_uniform(4, 512), poisson(8.0), 0),
-    "bursty": ("skewed lengths, gamma arrivals at 8 requests/s with burstiness 0.5 (clumps and lulls)",
-               64, uniform(16, 64), log_uniform(4, 512), gamma(8.0, 0.5), 0),
+    # skewed outputs like chat traffic: half the requests want <= ~40 tokens, one in ten wants > 200.
+    # 128 requests, because with 64 the static/continuous step ratio swung from 2.0x to 3.1x by seed alone
+    "skewed": ("128 requests, prompts 16-64 tokens, outputs log-uniform 4-384 (many short, few long), all at t=0",
+               128, uniform(16, 64), log_uniform(4, 384), all_at_once(), 0),
+    "poisson": ("64 requests with skewed lengths, Poisson arrivals at 8 requests/s",
+                64, uniform(16, 64), log_uniform(4, 384), poisson(8.0), 0),
+    "bursty": ("64 requests with skewed lengths, gamma arrivals at 8 requests/s with burstiness 0.5 (clumps and lulls)",
+               64, uniform(16, 64), log_uniform(4, 384), gamma(8.0, 0.5), 0),
     "prefill_heavy": ("32 requests, prompts log-uniform 64-512, outputs 8-32, Poisson at 4 requests/s",
                       32, log_uniform(64, 512), uniform(8, 32), poisson(4.0), 2),
 }

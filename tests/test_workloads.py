@@ -64,8 +64,8 @@ def test_json_round_trip_and_describe():
     assert back == tr
     json.loads(tr.to_json())
     d = tr.describe()
-    assert d["n"] == 64 and 16 <= d["prompt_len_min"] <= d["prompt_len_max"] <= 64
-    assert 4 <= d["output_len_min"] and d["output_len_max"] <= 512 and d["duration_s"] == 0.0
+    assert d["n"] == 128 and 16 <= d["prompt_len_min"] <= d["prompt_len_max"] <= 64
+    assert 4 <= d["output_len_min"] and d["output_len_max"] <= 384 and d["duration_s"] == 0.0
     assert tr.params["prompt_len"] == {"kind": "uniform", "lo": 16, "hi": 64}
 
 
@@ -81,8 +81,8 @@ def test_scale_shrinks_requests_and_outputs():
     full = wl.standard_trace("skewed", corpus_tokens=CORPUS)
     small = wl.standard_trace("skewed", corpus_tokens=CORPUS, scale=0.25)
     tiny = wl.standard_trace("skewed", corpus_tokens=CORPUS, scale=0.01)
-    assert len(small) == 16 and len(tiny) == 4
-    assert max(r.max_new_tokens for r in small.requests) <= 128 < max(r.max_new_tokens for r in full.requests)
+    assert len(small) == 32 and len(tiny) == 4
+    assert max(r.max_new_tokens for r in small.requests) <= 96 < max(r.max_new_tokens for r in full.requests)
 
 
 def test_all_standard_traces_build():
