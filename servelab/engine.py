@@ -47,9 +47,6 @@ class StepClock:
         self.t = max(self.t, t)
 
 
-Clock = WallClock | StepClock
-
-
 def reject_invalid(requests: list[Request], vocab_size: int, max_len: int) -> tuple[list[Request], dict[int, Completion]]:
     """Split requests into servable ones and rejected ones (a Completion with the reason), so that one
     bad request (empty prompt, max_new_tokens <= 0, too long for the cache) never affects the others."""

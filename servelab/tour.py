@@ -68,7 +68,7 @@ def section_generate(ctx: dict) -> dict:
 def section_acceptance(ctx: dict) -> dict:
     trace = make_trace("tour-acceptance", ctx["acceptance_prompts"], fixed(32), fixed(ctx["new_tokens"]),
                        all_at_once(), seed=11, encode=ctx["tokenizer"])
-    prompts = [r.prompt_ids for r in tqdm(trace.requests, desc="held-out prompts", leave=False)]
+    prompts = [r.prompt_ids for r in trace.requests]
     acc = measure_acceptance(ctx["target"], ctx["draft"], prompts, ctx["new_tokens"], gamma=4)
     return acc.to_dict()
 

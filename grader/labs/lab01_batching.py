@@ -14,9 +14,10 @@ the time stamp of each token says in which engine step it was produced.
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 
 from grader.checks import compare_tokens, token_list
-from grader.spec import Context, Fail, Lab, Learner, Outcome
+from grader.spec import Context, Fail, Lab, Learner, Outcome, _cached
 
 LAB = Lab(
     id="01_batching",
@@ -53,8 +54,6 @@ def _alone(ctx: Context, request, eos_id) -> list[int]:
     from servelab.reference.warmup import greedy_decode
 
     key = ("alone", tuple(request.prompt_ids), request.max_new_tokens, eos_id)
-    from grader.spec import _cached
-
     return _cached(key, lambda: greedy_decode(ctx.model(), request.prompt_ids, request.max_new_tokens, eos_id))
 
 
@@ -96,7 +95,7 @@ def _tokens_per_step(run, requests) -> Counter:
 
 def _eos_case(ctx: Context, requests) -> int:
     """An eos_id that is the very first greedy token of request 0 (so it must stop after one token)."""
-    return _alone(ctx, requests[0].__class__(requests[0].id, requests[0].prompt_ids, 1, 0.0), None)[0]
+    return _alone(ctx, replace(requests[0], max_new_tokens=1), None)[0]
 
 
 # ----------------------------------------------------------------------------- part 1
@@ -306,11 +305,14 @@ def continuous_scheduling(learner: Learner, ctx: Context) -> Outcome:
     budget, budget_reqs = 30, _requests(ctx, "budget", 6, (12, 20), (3, 6))
     budget_run = _run(learner, "continuous_batching", ctx.model(), budget_reqs, 6, budget, None, StepClock(DT))
     _check_outputs(ctx, budget_run, budget_reqs, None, "continuous_batching", f"token budget {budget}")
-    prefill, tokens = Counter(), _tokens_per_step(budget_run, budget_reqs)
+    tokens, first_step = _tokens_per_step(budget_run, budget_reqs), Counter()
+    prefill = Counter()  # step -> prompt tokens of the requests whose first token came from that step
     for r in budget_reqs:
-        prefill[round(budget_run.completions[r.id].token_times[0] / DT)] += r.prompt_len
+        s = round(budget_run.completions[r.id].token_times[0] / DT)
+        first_step[s] += 1
+        prefill[s] += r.prompt_len
     for s in sorted(prefill):
-        admitted = sum(1 for r in budget_reqs if round(budget_run.completions[r.id].token_times[0] / DT) == s)
+        admitted = first_step[s]
         decodes = tokens[s] - admitted
         lone = admitted == 1 and decodes == 0  # a single prompt may exceed the budget when nothing else runs
         if prefill[s] + decodes > budget and not lone:
