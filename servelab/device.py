@@ -66,6 +66,42 @@ def synchronize(device: str | torch.device | None = None) -> None:
         torch.cuda.synchronize(dev)
 
 
+def pinned_memory_available() -> bool:
+    """Page-locked host memory needs a CUDA driver; a copy from it can run while the host goes on."""
+    return cuda_available()
+
+
+def host_to_device(tensors: list[torch.Tensor], device: str | torch.device) -> list[torch.Tensor]:
+    """Move host LongTensors to ``device`` in ONE copy: pack them into one buffer, copy it, split it there.
+
+    Used once per engine step for everything the step's layers need. On a GPU the buffer is pinned and the
+    copy is asynchronous, so the host never waits for the GPU here. Tensors already on ``device`` (and
+    everything, when ``device`` is the CPU) come back unchanged.
+    """
+    device = torch.device(device)
+    if device.type == "cpu":
+        return list(tensors)
+    host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]
+    bad = [f"{tuple(t.shape)} {t.dtype} on {t.device}" for i, t in enumerate(tensors)
+           if (i in host and t.dtype != torch.long) or (i not in host and t.device != device)]
+    if bad:
+        raise ValueError(f"host_to_device moves host LongTensors to {device}; got {bad}: build step inputs on the "
+                         "CPU with dtype=torch.long (the model moves them to its device once per step)")
+    out = list(tensors)
+    if not host:
+        return out
+    flat = torch.cat([tensors[i].reshape(-1) for i in host])
+    if pinned_memory_available():
+        flat = flat.pin_memory()  # from PyTorch's caching host allocator: cheap after the first steps
+    flat = flat.to(device, non_blocking=True)
+    start = 0
+    for i in host:
+        n = tensors[i].numel()
+        out[i] = flat[start:start + n].view(tensors[i].shape)
+        start += n
+    return out
+
+
 def dist_backend() -> str:
     """torch.distributed backend for the disaggregation lab: NCCL between GPUs, gloo on CPU."""
     return "nccl" if cuda_available() and torch.distributed.is_nccl_available() else "gloo"

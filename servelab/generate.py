@@ -26,12 +26,12 @@ def reference_greedy(model: CausalLM, prompt_ids: list[int], max_new_tokens: int
     Slow on purpose and obviously right. Returns the new tokens, including the EOS it stops on.
     """
     check_request(prompt_ids, max_new_tokens, model.config.vocab_size, model.config.max_position)
-    ids = torch.tensor([prompt_ids], device=model.device)
+    ids = list(prompt_ids)
     out: list[int] = []
     for _ in range(max_new_tokens):
-        nxt = int(model(ids)[0, -1].argmax())
+        nxt = int(model(torch.tensor([ids]))[0, -1].argmax())  # the whole sequence, every step
         out.append(nxt)
         if nxt == eos_id:
             break
-        ids = torch.cat([ids, torch.tensor([[nxt]], device=model.device)], dim=1)
+        ids.append(nxt)
     return out

@@ -17,17 +17,16 @@ def generate_one(model, request, eos_id, clock) -> Completion:
     """
     prompt = request.prompt_ids
     check_request(prompt, request.max_new_tokens, model.config.vocab_size, model.config.max_position)
-    device = model.device
     out = Completion(request.id)
     view = model.new_cache(num_slots=1, max_len=len(prompt) + request.max_new_tokens).rows([0])
-    logits = model(torch.tensor([prompt], device=device), torch.arange(len(prompt), device=device)[None], view)
+    logits = model(torch.tensor([prompt]), torch.arange(len(prompt))[None], view)  # host inputs: one copy per call
     while True:
         clock.step()
         token = int(logits[0, -1].argmax())
         if out.add(token, clock.now(), eos_id, request.max_new_tokens):
             return out
         position = len(prompt) + len(out.tokens) - 1
-        logits = model(torch.tensor([[token]], device=device), torch.tensor([[position]], device=device), view)
+        logits = model(torch.tensor([[token]]), torch.tensor([[position]]), view)
 
 
 import torch
@@ -71,7 +70,7 @@ def static_batching(model, requests, batch_size: int, eos_id, clock, max_len: in
         done = [False] * len(batch)
         view = cache.rows(range(len(batch)))
         ids, positions = left_pad([r.prompt_ids for r in batch])
-        logits = model(ids.to(model.device), positions.to(model.device), view)[:, -1]
+        logits = model(ids, positions, view)[:, -1]
         start = run.steps
         while True:
             clock.step()
@@ -86,9 +85,9 @@ def static_batching(model, requests, batch_size: int, eos_id, clock, max_len: in
                         run.occupancy.append(Occupancy(i, start, run.steps, r.id))
             if all(done):
                 break
-            last = torch.tensor([[o.tokens[-1]] for o in outs], device=model.device)
+            last = torch.tensor([[o.tokens[-1]] for o in outs])
             positions = torch.tensor([[-1 if d else len(r.prompt_ids) + len(o.tokens) - 1]
-                                      for r, o, d in zip(batch, outs, done)], device=model.device)
+                                      for r, o, d in zip(batch, outs, done)])
             logits = model(last, positions, view)[:, -1]
         run.completions.update({o.request_id: o for o in outs})
         run.max_running = max(run.max_running, len(batch))
@@ -111,7 +110,6 @@ def continuous_batching(model, requests, max_running: int, max_step_tokens: int,
     run = EngineRun("continuous", {}, 0, max_running)
     valid, run.completions = reject_invalid(requests, model.config.vocab_size, max_len)
     cache = model.new_cache(max_running, max_len)
-    device = model.device
     waiting = deque(sorted(valid, key=lambda r: (r.arrival_s, r.id)))
     running = {}  # slot -> (request, completion, step it was admitted)
     free = list(range(max_running - 1, -1, -1))  # pop() hands out the lowest slot first
@@ -125,21 +123,21 @@ def continuous_batching(model, requests, max_running: int, max_step_tokens: int,
             request = waiting.popleft()
             admitted.append((free.pop(), request))
             budget -= request.prompt_len
-        new_tokens = {}  # slot -> token produced this step
+        forwards = []  # (slots, next token of each row, still on the device)
         if running:
             slots = sorted(running)  # when slots 0..n-1 are all busy, the cache is read as a view (no gather)
-            last = torch.tensor([[running[s][1].tokens[-1]] for s in slots], device=device)
-            positions = torch.tensor([[running[s][0].prompt_len + len(running[s][1].tokens) - 1] for s in slots],
-                                     device=device)
-            logits = model(last, positions, cache.rows(slots))[:, -1]
-            new_tokens.update(zip(slots, logits.argmax(-1).tolist()))
+            last = torch.tensor([[running[s][1].tokens[-1]] for s in slots])
+            positions = torch.tensor([[running[s][0].prompt_len + len(running[s][1].tokens) - 1] for s in slots])
+            forwards.append((slots, model(last, positions, cache.rows(slots))[:, -1].argmax(-1)))
         if admitted:
             slots = [s for s, _ in admitted]
             ids, positions = left_pad([r.prompt_ids for _, r in admitted])
-            logits = model(ids.to(device), positions.to(device), cache.rows(slots))[:, -1]
-            new_tokens.update(zip(slots, logits.argmax(-1).tolist()))
+            forwards.append((slots, model(ids, positions, cache.rows(slots))[:, -1].argmax(-1)))
             for s, r in admitted:
                 running[s] = (r, Completion(r.id), run.steps)
+        new_tokens = {}  # slot -> token produced this step; .tolist() waits for the device once per forward
+        for slots, tokens in forwards:
+            new_tokens.update(zip(slots, tokens.tolist()))
         clock.step()
         run.steps += 1
         run.busy_slot_steps += len(new_tokens)

@@ -16,11 +16,9 @@ def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int
     Invariants: the result equals ``reference_greedy(model, prompt_ids, max_new_tokens, eos_id)``; the model
     sees the prompt once (one call over all of it), then one new token per call.
     """
-    device = model.device
     view = model.new_cache(num_slots=1, max_len=len(prompt_ids) + max_new_tokens).rows([0])
-    ids = torch.tensor([prompt_ids], device=device)
-    positions = torch.arange(len(prompt_ids), device=device)[None]
-    logits = model(ids, positions, view)  # prefill: every prompt token's K/V lands in the cache
+    # inputs built on the host: the model moves each call's inputs to its device in one copy
+    logits = model(torch.tensor([prompt_ids]), torch.arange(len(prompt_ids))[None], view)  # prefill: K/V of the prompt
     out: list[int] = []
     while True:
         token = int(logits[0, -1].argmax())
@@ -28,4 +26,4 @@ def greedy_decode(model, prompt_ids: list[int], max_new_tokens: int, eos_id: int
         if token == eos_id or len(out) == max_new_tokens:
             return out
         position = len(prompt_ids) + len(out) - 1  # where the token just generated sits in the sequence
-        logits = model(torch.tensor([[token]], device=device), torch.tensor([[position]], device=device), view)
+        logits = model(torch.tensor([[token]]), torch.tensor([[position]]), view)
