@@ -63,6 +63,25 @@ def blocked_reason(lab: Lab, crit: Criterion, hw: Hardware) -> str | None:
     return None
 
 
+def vllm_missing(device: str) -> str | None:
+    """Why vLLM cannot serve in this grading run (-> `blocked`), or None: it needs the run on a CUDA GPU
+    (``device`` is the run's, already checked by ``probe``) and an importable ``vllm``.
+
+    The one place criteria ask "is there CUDA and vLLM", so that a test can fake the answer on a CPU machine.
+    """
+    if device != "cuda":
+        return f"vLLM serves on a CUDA GPU; this run is on {device} (grade with --device cuda on a GPU machine)"
+    try:
+        import vllm  # noqa: F401
+    except ImportError as err:
+        return (f"vLLM is not installed ({err}): `pip install vllm` (servelab's `gpu` extra: "
+                "`pip install -e '.[gpu]'`) on this CUDA machine, then grade again")
+    except Exception as err:  # noqa: BLE001 - a broken install (CUDA/torch mismatch) must not read as our error
+        return (f"vLLM is installed but fails to import ({type(err).__name__}: {err}): reinstall a vllm "
+                "build that matches this machine's torch and CUDA")
+    return None
+
+
 def report_environment(hw: Hardware) -> dict:
     try:
         import torch

@@ -53,15 +53,19 @@ def totals(results: list[Result], error: str | None = None) -> dict:
         # blocked criteria need hardware this machine lacks: they are left out, not scored zero
         "max_points_gradable": sum(r.max_points for r in results if r.status != "blocked"),
         **{s: counts.get(s, 0) for s in STATUSES},
-        "exit_code": exit_code_of(counts, error),
+        "exit_code": exit_code_of(results, error),
     }
 
 
-def exit_code_of(counts: Counter, error: str | None = None) -> int:
-    """0: all passed; 1: any failed, timed out or errored; 2: nothing failed but some were blocked."""
-    if error or counts["failed"] or counts["timeout"] or counts["error"]:
+def exit_code_of(results: list[Result], error: str | None = None) -> int:
+    """0: all passed; 1: any failed, timed out or errored; 2: nothing failed but points were blocked.
+
+    A blocked criterion worth no points (an optional comparison, e.g. next to vLLM) changes nothing: it
+    cannot make a perfect submission's grade incomplete.
+    """
+    if error or any(r.status in ("failed", "timeout", "error") for r in results):
         return 1
-    return 2 if counts["blocked"] else 0
+    return 2 if any(r.status == "blocked" and r.max_points > 0 for r in results) else 0
 
 
 def exit_code(reports: list[dict]) -> int:

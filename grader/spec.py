@@ -20,6 +20,9 @@ from typing import Any, Literal, NamedTuple
 Kind = Literal["correctness", "interpreter", "gpu", "multi_gpu", "performance"]
 Status = Literal["passed", "failed", "timeout", "error", "blocked"]
 KINDS: tuple[str, ...] = ("correctness", "interpreter", "gpu", "multi_gpu", "performance")
+# what a performance criterion waits for by default: the lab's correctness checks (`interpreter` ones are
+# correctness checks of Triton kernels run in its interpreter); an optional `gpu` comparison is not one
+GATING_KINDS: tuple[str, ...] = ("correctness", "interpreter")
 GRADER_DIR = Path(__file__).resolve().parent
 QUICK_ENV = "SERVELAB_QUICK"  # "1": smaller notebook experiments and fewer hidden cases (CI)
 
@@ -42,6 +45,11 @@ class Fail(Exception):
 
 class GradingError(Exception):
     """The criterion cannot run on this notebook (function missing, cell broken): reported as `error`."""
+
+
+class Blocked(Exception):
+    """Raise from a criterion when this machine lacks what it needs (a package, a GPU), found out only at run
+    time: reported as `blocked` with this message (say what is missing and how to get it), not scored."""
 
 
 class Learner:
@@ -129,7 +137,7 @@ class Criterion:
     description: str = ""
     hint: str = ""  # shown with a failure
     timeout_s: float = 120.0
-    gate: tuple[str, ...] | None = None  # performance: criteria that must pass first (default: all others)
+    gate: tuple[str, ...] | None = None  # performance: criteria that must pass first (default: GATING_KINDS)
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -192,13 +200,13 @@ class Lab:
         return [c for c in self.ordered() if c.id in wanted]
 
     def gates(self, crit: Criterion) -> tuple[str, ...]:
+        """The criteria a performance criterion counts only after: its ``gate``, else every correctness
+        check of the lab (kinds in GATING_KINDS). Other criteria never gate one."""
         if crit.kind != "performance":
             return ()
-        return (
-            crit.gate
-            if crit.gate is not None
-            else tuple(c.id for c in self.criteria if c.kind != "performance")
-        )
+        if crit.gate is not None:
+            return crit.gate
+        return tuple(c.id for c in self.criteria if c.kind in GATING_KINDS)
 
 
 @dataclass
@@ -241,6 +249,8 @@ def run_criterion(crit: Criterion, learner: Learner, ctx: Context) -> Result:
         status, message = "failed", str(err)
     except GradingError as err:
         status, message = "error", str(err)
+    except Blocked as err:
+        status, message = "blocked", str(err)
     except NotImplementedError as err:
         status, message = (
             "failed",
@@ -248,7 +258,7 @@ def run_criterion(crit: Criterion, learner: Learner, ctx: Context) -> Result:
         )
     except Exception as err:  # noqa: BLE001 - anything the learner's code raises is reported, not fatal
         status, message = "error", f"{type(err).__name__}: {err}" + _where(err)
-    if status != "passed" and crit.hint:
+    if status not in ("passed", "blocked") and crit.hint:  # a hint helps fix code, not a missing GPU
         message += f"\nHint: {crit.hint}"
     metrics.setdefault("seed", ctx.seed)
     return Result(

@@ -22,11 +22,13 @@ def cmd_doctor(args) -> int:
     labs = Table(title="what each lab can do here")
     labs.add_column("lab")
     labs.add_column("mode")
-    for lab, mode in lab_support(info).items():
+    support = lab_support(info)  # "not built yet" for a lab whose labs/<lab> folder does not exist yet
+    for lab, mode in support.items():
         labs.add_row(lab, mode)
     console.print(labs)
     if args.json:
-        json.dump({"machine": info, "labs": lab_support(info)}, open(args.json, "w"), indent=1)
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "labs": support}, f, indent=1)
     return 0
 
 

@@ -13,6 +13,7 @@ import importlib
 import os
 import platform
 import sys
+from pathlib import Path
 from types import ModuleType
 
 import torch
@@ -181,14 +182,21 @@ LAB_NEEDS = {
     "03_speculative": "cpu",
     "04_disaggregation": "two_workers",
 }
+LABS_DIR = Path(__file__).resolve().parents[1] / "labs"  # the learner notebooks, in a checkout of the repo
+NOT_BUILT = "not built yet"
 
 
-def lab_support(info: dict | None = None) -> dict[str, str]:
-    """For each lab: 'full', 'interpreter' (kernels in Triton's slow interpreter) or 'blocked'."""
+def lab_support(info: dict | None = None, labs_dir: Path | None = None) -> dict[str, str]:
+    """For each lab: 'full', 'interpreter' (kernels in Triton's slow interpreter), 'blocked', or 'not built
+    yet' while the repository has no ``labs/<lab>`` folder (it flips by itself when the lab lands). Without
+    any labs folder (servelab installed on its own) every lab reports what this machine could do."""
     info = info or describe()
+    labs_dir = LABS_DIR if labs_dir is None else labs_dir
     out = {}
     for lab, need in LAB_NEEDS.items():
-        if need == "triton":
+        if labs_dir.is_dir() and not (labs_dir / lab).is_dir():
+            out[lab] = NOT_BUILT
+        elif need == "triton":
             mode = info["triton_mode"]
             out[lab] = {"compiled": "full", "interpreter": "interpreter"}.get(mode, "blocked")
         elif need == "two_workers":

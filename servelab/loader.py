@@ -85,11 +85,42 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     return model.to(device=get_device(device), dtype=dtype).eval()
 
 
+# tokenizer classes that are nothing but tokenizer.json behind the Hugging Face API: AutoTokenizer would pick
+# this very class for them, so they load directly (see load_tokenizer)
+GENERIC_TOKENIZERS = {"TokenizersBackend", "PreTrainedTokenizerFast"}
+
+
 def load_tokenizer(name_or_path: str | os.PathLike | None = None, env: str = MODEL_ENV):
-    """The checkpoint's Hugging Face (fast) tokenizer."""
+    """The checkpoint's Hugging Face (fast) tokenizer.
+
+    A checkpoint whose tokenizer_config.json declares a generic fast tokenizer (the shipped models do) loads
+    it directly: ``AutoTokenizer`` would first read the model's config through ``AutoConfig``, which imports
+    transformers' model and distributed code (torch.distributed.tensor, sympy: ~900 modules, seconds on a
+    cold or sandboxed machine) for a tokenizer it builds from tokenizer.json all the same. Any other
+    checkpoint goes through ``AutoTokenizer``, which knows each model family's tokenizer class.
+    """
+    path = resolve_model_path(name_or_path, env)
+    if _generic_tokenizer(path):
+        from transformers import PreTrainedTokenizerFast  # = TokenizersBackend in transformers 5
+
+        return PreTrainedTokenizerFast.from_pretrained(path)
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_model_path(name_or_path, env))
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _generic_tokenizer(path: Path) -> bool:
+    """tokenizer.json plus a tokenizer_config.json naming a generic class, without custom code."""
+    try:
+        cfg = json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return (
+        isinstance(cfg, dict)
+        and cfg.get("tokenizer_class") in GENERIC_TOKENIZERS
+        and "auto_map" not in cfg
+        and (path / "tokenizer.json").is_file()
+    )
 
 
 def load_draft(name_or_path: str | os.PathLike | None = None, **kw) -> CausalLM:

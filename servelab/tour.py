@@ -73,14 +73,22 @@ def section_acceptance(ctx: dict) -> dict:
     return acc.to_dict()
 
 
+BATCHING_PAIRS = 3  # alternating static/continuous pairs; the headline is their median ratio, as the grader's
+# the skewed trace's size: a full-size pair (128 requests) takes ~30-60 s on a 2-core CPU, so three of them
+# would more than double the tour; half size (64 requests) keeps three pairs near one full-size pair's time
+BATCHING_SCALE = {"quick": 0.25, "full": 0.5}
+
+
 def section_batching(ctx: dict) -> dict:
-    """Lab 01's headline: static vs continuous batching on the skewed trace (8 slots), timed in pairs."""
+    """Lab 01's headline: static vs continuous batching on the skewed trace (8 slots), timed in alternating
+    pairs; the speedup is the median of the per-pair ratios (servelab.timing.paired_benchmark)."""
     from servelab.engine import WallClock
     from servelab.reference.batching import continuous_batching, static_batching
     from servelab.timing import paired_benchmark
 
     model, eos = ctx["target"], ctx["tokenizer"].eos_token_id
-    trace = standard_trace("skewed", encode=ctx["tokenizer"], scale=0.25 if ctx["quick"] else 1.0)
+    scale = BATCHING_SCALE["quick" if ctx["quick"] else "full"]
+    trace = standard_trace("skewed", encode=ctx["tokenizer"], scale=scale)
     runs = {}
 
     def static():
@@ -89,14 +97,17 @@ def section_batching(ctx: dict) -> dict:
     def continuous():
         runs["continuous"] = continuous_batching(model, trace.requests, 8, 2048, eos, WallClock())
 
-    timing = paired_benchmark(static, continuous, repeats=1, warmup=0, progress=True,
-                              baseline_name="static", candidate_name="continuous")
-    s, c = runs["static"], runs["continuous"]
+    timing = paired_benchmark(static, continuous, repeats=BATCHING_PAIRS, warmup=0, device=model.device,
+                              progress=True, baseline_name="static", candidate_name="continuous")
+    s, c = runs["static"], runs["continuous"]  # steps and tokens are the same in every pair
     steps_ratio = s.steps / c.steps
+    ratios = [round(r, 3) for r in timing.ratios]
+    pairs = f"median of {len(ratios)} pairs: " + ", ".join(f"{r:.2f}" for r in ratios)
     return {"trace": trace.describe(), "static": s.summary(), "continuous": c.summary(),
-            "speedup": round(timing.speedup, 3), "steps_ratio": round(steps_ratio, 3),
+            "speedup": round(timing.speedup, 3), "pairs": len(ratios), "ratios": ratios,
+            "steps_ratio": round(steps_ratio, 3),
             "headline": {f"lab 01: continuous vs static batching ({len(trace)} requests, 8 slots)":
-                         f"{timing.speedup:.2f}x tokens/s, {steps_ratio:.2f}x fewer steps"}}
+                         f"{timing.speedup:.2f}x tokens/s ({pairs}), {steps_ratio:.2f}x fewer steps"}}
 
 
 SECTIONS: list[tuple[str, Callable[[dict], dict]]] = [

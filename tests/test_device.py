@@ -42,7 +42,22 @@ def test_describe_reports_lab_support():
     assert {"torch", "device", "triton_mode", "dist_backend"} <= info.keys()
     support = device.lab_support(info)
     assert set(support) == set(device.LAB_NEEDS)
-    assert all(v.startswith(("full", "interpreter", "blocked")) for v in support.values())
+    assert all(v.startswith(("full", "interpreter", "blocked", device.NOT_BUILT)) for v in support.values())
+    for lab, mode in support.items():  # this checkout: a lab is built once its labs/ folder exists
+        assert (mode == device.NOT_BUILT) == (not (device.LABS_DIR / lab).is_dir()), lab
+
+
+def test_labs_without_a_folder_are_not_built_yet(tmp_path):
+    info = {"triton_mode": "interpreter", "gpus": 0}
+    (tmp_path / "00_warmup").mkdir()
+    (tmp_path / "02_paged_attention").mkdir()
+    support = device.lab_support(info, labs_dir=tmp_path)
+    assert support["00_warmup"] == "full" and support["02_paged_attention"] == "interpreter"
+    assert support["01_batching"] == support["03_speculative"] == support["04_disaggregation"] == "not built yet"
+    (tmp_path / "04_disaggregation").mkdir()  # the lab lands: its mode shows up by itself
+    assert device.lab_support(info, labs_dir=tmp_path)["04_disaggregation"] == "full (gloo, CPU processes)"
+    # servelab installed without the repository (no labs/ at all): say what the machine could do
+    assert "not built yet" not in device.lab_support(info, labs_dir=tmp_path / "nowhere").values()
 
 
 @needs_cpu_only

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from grader.environment import probe
 from grader.inline import CheckFailed, check
 
 
@@ -15,10 +18,11 @@ def ns(src: str) -> dict:
 
 def test_passing_check_prints_and_returns_results(capsys):
     results = check("mean", namespace=ns("def mean(xs):\n    return sum(xs) / len(xs)"))
+    on_gpu = probe(os.environ.get("SERVELAB_DEVICE", "auto")).device == "cuda"  # what check() runs on
     assert {r.id: r.status for r in results} == {
         "mean_values": "passed",
-        "mean_on_gpu": "blocked",
-        "mean_speed": "blocked",
+        "mean_on_gpu": "passed" if on_gpu else "blocked",
+        "mean_speed": "blocked",  # no threshold for the stub lab on any device class
     }
     out = capsys.readouterr().out
     assert "mean_values" in out and "passed" in out and "blocked" in out

@@ -1,10 +1,13 @@
 """The README's main job runs end to end and reports every section's numbers."""
 import json
 import os
+import statistics
 import subprocess
 import sys
 
 import pytest
+
+from servelab import device, tour
 
 
 @pytest.mark.slow
@@ -17,14 +20,23 @@ def test_tour_quick(tmp_path):
     assert {"models", "generation", "draft_acceptance", "batching"} <= results.keys()
     assert results["generation"]["target"]["tokens"] > 0
     assert 0.0 <= results["draft_acceptance"]["alpha"] <= 1.0
-    assert results["batching"]["steps_ratio"] > 1.0
-    assert "headline numbers" in res.stdout
+    batching = results["batching"]
+    assert batching["steps_ratio"] > 1.0
+    # the speedup is the median of alternating pairs, and the headline says how many and each ratio
+    assert batching["pairs"] == len(batching["ratios"]) == tour.BATCHING_PAIRS >= 3
+    assert batching["speedup"] == pytest.approx(statistics.median(batching["ratios"]), abs=1e-3)
+    (headline,) = batching["headline"].values()
+    assert f"median of {tour.BATCHING_PAIRS} pairs: " in headline
+    assert all(f"{r:.2f}" in headline for r in batching["ratios"])
+    assert "headline numbers" in res.stdout and "median of" in res.stdout
 
 
 def test_doctor_runs():
     res = subprocess.run([sys.executable, "-m", "servelab.cli", "doctor"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "02_paged_attention" in res.stdout
+    if not (device.LABS_DIR / "02_paged_attention").is_dir():
+        assert "not built yet" in res.stdout
 
 
 def test_cli_reports_bad_model_cleanly():

@@ -17,7 +17,7 @@ from collections import Counter
 from dataclasses import replace
 
 from grader.checks import compare_tokens, token_list
-from grader.spec import Context, Fail, Lab, Learner, Outcome, _cached
+from grader.spec import Blocked, Context, Fail, GradingError, Lab, Learner, Outcome, _cached
 
 LAB = Lab(
     id="01_batching",
@@ -405,21 +405,27 @@ def vllm_side_by_side(learner: Learner, ctx: Context) -> Outcome:
     """Optional: vLLM serves the shipped model on the skewed trace next to your engine (needs vllm)."""
     import time
 
-    from grader.spec import Blocked
+    from grader import environment
     from servelab.engine import WallClock
     from servelab.loader import resolve_model_path
 
-    try:
-        import vllm
-    except ImportError:
-        raise Blocked("vLLM is not installed: `pip install vllm` (the `gpu` extra) on a CUDA machine") from None
+    if reason := environment.vllm_missing(ctx.device):  # the one probe for "CUDA and vllm here"
+        raise Blocked(reason)
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    model = ctx.model()  # loaded first: vLLM then reserves most of what GPU memory is left
+    if model.device.type != ctx.device:
+        raise GradingError(f"the grader's model is on {model.device}, but this run is on {ctx.device}: "
+                           "the learner's engine must run on the device vLLM is compared on")
     reqs, eos = _skewed(ctx), ctx.tokenizer().eos_token_id
-    llm = vllm.LLM(model=str(resolve_model_path()), max_num_seqs=8, enforce_eager=True)
-    params = [vllm.SamplingParams(temperature=0, max_tokens=r.max_new_tokens) for r in reqs]
+    llm = LLM(model=str(resolve_model_path()), max_num_seqs=8, enforce_eager=True)
+    params = [SamplingParams(temperature=0, max_tokens=r.max_new_tokens) for r in reqs]
     t0 = time.perf_counter()
-    outs = llm.generate([vllm.inputs.TokensPrompt(prompt_token_ids=r.prompt_ids) for r in reqs], params)
-    vllm_tps = sum(len(o.outputs[0].token_ids) for o in outs) / (time.perf_counter() - t0)
-    run = learner.fn("continuous_batching")(ctx.model(), reqs, 8, 2048, eos, WallClock())
-    ours = run.output_tokens / run.seconds
-    return Outcome(True, f"vLLM {vllm_tps:.0f} tokens/s, your engine {ours:.0f} tokens/s",
+    outs = llm.generate([TokensPrompt(prompt_token_ids=r.prompt_ids) for r in reqs], params)
+    vllm_tps = sum(len(o.outputs[0].token_ids) for o in outs) / max(time.perf_counter() - t0, 1e-9)
+    run = _run(learner, "continuous_batching", model, reqs, 8, 2048, eos, WallClock())
+    ours = run.output_tokens / max(run.seconds, 1e-9)
+    return Outcome(True, f"vLLM {vllm_tps:.0f} tokens/s, your engine {ours:.0f} tokens/s "
+                         f"({len(reqs)} requests, 8 slots, on {model.device})",
                    {"vllm_tokens_per_s": round(vllm_tps, 1), "learner_tokens_per_s": round(ours, 1)})
