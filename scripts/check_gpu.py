@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -75,13 +74,15 @@ def diagnostics(device: str) -> dict:
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     with profile(activities=acts) as prof:
         step(250)
-    kernels = sum(e.count for e in prof.key_averages() if device == "cuda" and e.device_type.name == "CUDA")
-    out = {"ms_per_step": round(t.elapsed_s / 200 * 1e3, 3), "cuda_kernels_per_step": kernels,
+    gpu = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    out = {"ms_per_step": round(t.elapsed_s / 200 * 1e3, 3), "cuda_kernels_per_step": sum(e.count for e in gpu),
+           "cuda_kernels": [(e.key[:60], e.count) for e in sorted(gpu, key=lambda e: -e.count)[:25]],
+           "aten_ops_per_step": sum(e.count for e in prof.key_averages() if e.key.startswith("aten::")),
            "top_ops": [(e.key, e.count) for e in sorted(prof.key_averages(), key=lambda e: -e.count)[:12]]}
     speed = {}
     for plen in (32, 256, 1024):
         prompt = [(11 * k) % model.config.vocab_size for k in range(plen)]
-        res = paired_benchmark(lambda: reference_greedy(model, prompt, 64), lambda: greedy_decode(model, prompt, 64),
+        res = paired_benchmark(lambda p=prompt: reference_greedy(model, p, 64), lambda p=prompt: greedy_decode(model, p, 64),
                                repeats=3, device=model.device)
         speed[plen] = round(res.speedup, 2)
     out["kv_cache_speedup_by_prompt_len"] = speed

@@ -41,17 +41,18 @@ class KVCache(ABC):
 
 @dataclass
 class CausalMetadata(AttentionMetadata):
+    dense: bool  # no padding among the new tokens
     mask: CausalMask | None = field(default=None, kw_only=True)  # built on the device, shared by all layers
 
     def on_device(self) -> None:
-        self.mask = causal_mask(self.positions, self.positions)
+        self.mask = causal_mask(self.positions, self.positions, self.dense)
 
 
 class NoCache(KVCache):
     """No memory between calls: every forward attends causally over exactly the tokens it is given."""
 
     def plan(self, positions):
-        return CausalMetadata(positions)
+        return CausalMetadata(positions, dense=bool((positions >= 0).all()))
 
     def attend(self, layer, q, k, v, meta):
         return reference_attention(q, k, v, mask=meta.mask)
@@ -103,7 +104,7 @@ class SlotMetadata(AttentionMetadata):
 
     def on_device(self) -> None:
         n, span = self.q_pos.shape[0], self.k_pos.shape[0]
-        self.mask = causal_mask(self.q_pos, self.k_pos.expand(n, span))
+        self.mask = causal_mask(self.q_pos, self.k_pos.expand(n, span), self.dense)
 
 
 class SlotView(KVCache):

@@ -68,8 +68,11 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32, env: str = MODEL_ENV) -> CausalLM:
-    """Build servelab's own CausalLM from a Hugging Face checkpoint, in eval mode, on ``device``."""
+               dtype: torch.dtype = torch.float32, env: str = MODEL_ENV, fuse_projections: bool = True) -> CausalLM:
+    """Build servelab's own CausalLM from a Hugging Face checkpoint, in eval mode, on ``device``.
+
+    ``fuse_projections``: q/k/v and gate/up weights joined into one matmul each (``CausalLM.fuse_projections``).
+    """
     path = resolve_model_path(name_or_path, env)
     cfg = ModelConfig.from_dir(path)
     model = CausalLM(cfg)
@@ -82,6 +85,8 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
         raise UnsupportedModelError(f"{path}: weights do not match a {cfg.architecture} model "
                                     f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.name = path.name
+    if fuse_projections:
+        model.fuse_projections()
     return model.to(device=get_device(device), dtype=dtype).eval()
 
 

@@ -200,3 +200,29 @@ def test_decode_step_never_syncs_on_a_gpu():
     for p in range(5, 9):
         ref_logits = ref(ids[:, :1], torch.full((2, 1), p), ref_cache.rows([2, 0]))
     torch.testing.assert_close(logits.cpu(), ref_logits, atol=1e-4, rtol=1e-4)
+
+
+def test_fused_projections_are_a_switch_with_identical_results():
+    """load_model(fuse_projections=...) : one matmul for q/k/v and one for gate/up gives the same logits."""
+    from servelab import load_model
+
+    plain, fused = load_model(fuse_projections=False), load_model()
+    assert fused.fused and not plain.fused
+    assert hasattr(plain.model.layers[0].self_attn, "q_proj") and fused.model.layers[0].self_attn.qkv_proj is not None
+    ids = torch.randint(0, plain.config.vocab_size, (2, 19), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(fused(ids), plain(ids), atol=1e-5, rtol=1e-5)
+    assert greedy_decode(fused, ids[0].tolist(), 12) == greedy_decode(plain, ids[0].tolist(), 12)
+
+
+def test_low_precision_rmsnorm_scales_after_the_cast():
+    """bf16: normalise in fp32, cast, then scale (the reference order), not scale in fp32."""
+    from servelab.model import RMSNorm
+
+    norm = RMSNorm(64, 1e-6).to(torch.bfloat16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.randn(64, generator=torch.Generator().manual_seed(0)))
+    x = torch.randn(3, 64, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    x32 = x.float()
+    expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
+    torch.testing.assert_close(norm(x), expected)
+    torch.testing.assert_close(norm.float()(x32), expected.float(), atol=2e-2, rtol=2e-2)
