@@ -7,10 +7,14 @@ Where the numbers come from:
 - cpu: measured with the solution notebooks on a 2-core cloud VM (Intel Xeon) with 1 torch thread, while a
   training job loaded both cores; each threshold is about half the median the solution reached, so a
   correct, sensible implementation passes on a slower or busier laptop.
-- h100 / h200 / a100 / l4: not measured yet (no GPU in CI). The 5.4M-parameter default model is
-  kernel-launch bound on any GPU, so recomputing 100 tokens costs about as much as computing 1 and the
-  KV cache barely helps there; the GPU entries only ask the cached decode not to be slower. Replace them
-  with half of a measured solution median when a GPU run is available.
+- h100 / h200 / a100 / l4: the 5.4M-parameter default model is kernel-launch bound on any GPU. Measured on
+  one H200 (2026-11-30, torch 2.11, after the per-step metadata rework): a decode step is ~126 kernels and
+  2.4 ms of host time, and recomputing the whole sequence costs the same launches as one cached token, so
+  cached/recompute was 0.98x, 1.00x and 0.95x at prompts of 32, 256 and 1,024 tokens (0.93x in the grader).
+  The cache's saving is graded deterministically by `one_token_per_step` (forward tokens); on a GPU
+  `kv_cache_speedup` only asks the cached decode not to be clearly slower (0.8x). A benchmark-sized model
+  (the GPU tier) is where the GPU shows the cache's speedup. Batching's wall ratio approaches the step
+  ratio on a launch-bound GPU (H200, one pair, before the rework: 3.11x for 2.75x fewer steps).
 """
 
 from __future__ import annotations
@@ -22,11 +26,11 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "01_batching/continuous_speedup": 2.0,  # issue #4's bar for the 2-core CPU; solution 2.26-2.43x per pair
     },
     **{gpu: {
-        "00_warmup/kv_cache_speedup": 1.0,
+        "00_warmup/kv_cache_speedup": 0.8,  # launch-bound at this model size: see above
         "01_batching/continuous_step_ratio": 2.0,  # a step count: the same on every device
-        # Not measured on a GPU yet. The default model is launch-bound there, so a step costs about the
-        # same at any batch size and the wall-clock ratio approaches the step ratio (2.75x on the skewed
-        # trace with 8 slots): the ">= 4x on an H100" of issue #4 needs a larger model or more slots.
+        # launch-bound: a step costs about the same at any batch size, so the wall-clock ratio approaches
+        # the step ratio (2.75x on the skewed trace with 8 slots; H200: 3.11x, one pair). The ">= 4x on an
+        # H100" of issue #4 needs a larger model or more slots.
         "01_batching/continuous_speedup": 2.0,
     } for gpu in ("h100", "h200", "a100", "l4")},
 }

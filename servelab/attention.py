@@ -68,5 +68,5 @@ def reference_attention(
     group = Hq // Hkv
     q_rows = q.reshape(B, Hkv, group * T, D)  # row g*T + t: query head kv*G + g, token t
     out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask.bias(group, q.dtype),
-                                         scale=1.0 / math.sqrt(D)).view(B, Hq, T, D)
+                                         scale=1.0 / math.sqrt(D)).reshape(B, Hq, T, D)
     return out if mask.dense else out * mask.has_key.to(out.dtype)

@@ -35,7 +35,7 @@ def get_device(request: str | torch.device | None = None) -> torch.device:
         request = str(request)
     request = (request or os.environ.get(DEVICE_ENV) or "auto").lower()
     if request == "auto":
-        return torch.device("cuda" if cuda_available() else "cpu")
+        return _indexed(torch.device("cuda" if cuda_available() else "cpu"))
     if request == "cpu":
         return torch.device("cpu")
     if request.startswith("cuda"):
@@ -45,8 +45,15 @@ def get_device(request: str | torch.device | None = None) -> torch.device:
                 f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}). "
                 f"Use device='cpu' (or 'auto'), or unset {DEVICE_ENV}."
             )
-        return torch.device(request)
+        return _indexed(torch.device(request))
     raise DeviceError(f"unknown device {request!r}: use 'auto', 'cpu' or 'cuda'")
+
+
+def _indexed(dev: torch.device) -> torch.device:
+    """'cuda' -> 'cuda:0' (the current GPU): tensors report their device with its index, so compare like that."""
+    if dev.type == "cuda" and dev.index is None:
+        return torch.device("cuda", torch.cuda.current_device())
+    return dev
 
 
 def device_class(device: str | torch.device | None = None) -> str:
@@ -79,7 +86,7 @@ def host_to_device(tensors: list[torch.Tensor], device: str | torch.device) -> l
     copy is asynchronous, so the host never waits for the GPU here. Tensors already on ``device`` (and
     everything, when ``device`` is the CPU) come back unchanged.
     """
-    device = torch.device(device)
+    device = _indexed(torch.device(device))
     if device.type == "cpu":
         return list(tensors)
     host = [i for i, t in enumerate(tensors) if t.device.type == "cpu"]

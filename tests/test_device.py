@@ -98,3 +98,13 @@ print("ok")
     out = run_py(code)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "ok"
+
+
+def test_cuda_device_comes_with_its_index(monkeypatch):
+    """Tensors on a GPU report cuda:0, never plain 'cuda': get_device resolves the index so comparisons hold
+    (a GPU run failed `model.device == get_device()` before). The CUDA probe is faked here."""
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert device.get_device("cuda") == torch.device("cuda", 0)
+    assert device.get_device("auto") == torch.device("cuda", 0)
+    assert device.get_device("cuda:1") == torch.device("cuda", 1)
