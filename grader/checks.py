@@ -35,9 +35,13 @@ def token_list(value: object, fn: str, case: str) -> list[int]:
 
 
 def compare_tokens(
-    expected: list[int], got: list[int], case: str, model=None, prompt: list[int] | None = None
+    expected: list[int], got: list[int], case: str, model=None, prompt: list[int] | None = None,
+    first_hint: str = "", later_hint: str = "", length_hint: str = "",
 ) -> None:
     """Fail with the first difference: 'prompt 3 (...) diverged at token 17: expected 42, got 7'.
+
+    Hints by where it went wrong: ``first_hint`` when the very first token differs (the prefill),
+    ``later_hint`` for a later token (a decode step), ``length_hint`` when only the length differs.
 
     With ``model`` and ``prompt``, a divergence where the two tokens' logits tie (within float rounding:
     cached and uncached attention sum in different orders) is accepted; after it the sequences differ
@@ -53,12 +57,14 @@ def compare_tokens(
                 return
             raise Fail(
                 f"{case} diverged at token {i}: expected {e}, got {g} "
-                f"(expected starts {expected[: i + 3]}, got {got[: i + 3]})"
+                f"(expected starts {expected[: i + 3]}, got {got[: i + 3]})",
+                hint=first_hint if i == 0 else later_hint,
             )
     if len(got) != len(expected):
         raise Fail(
             f"{case}: returned {len(got)} tokens, expected {len(expected)} (the first "
-            f"{min(len(got), len(expected))} match); stop only after emitting EOS or after max_new_tokens tokens"
+            f"{min(len(got), len(expected))} match); stop only after emitting EOS or after max_new_tokens tokens",
+            hint=length_hint,
         )
 
 

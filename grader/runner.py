@@ -155,7 +155,7 @@ def run_isolated(
                 0,
                 crit.points,
                 f"did not finish within {timeout:.0f} s and was stopped (an endless loop, or a decode that "
-                f"never stops?)" + (f"\nHint: {crit.hint}" if crit.hint else ""),
+                f"never stops?)",
                 {"seed": seed},
                 seconds,
             )

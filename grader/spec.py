@@ -40,7 +40,15 @@ class Outcome(NamedTuple):
 
 
 class Fail(Exception):
-    """Raise from a criterion (or its helpers) to fail it with this message; reported as `failed`."""
+    """Raise from a criterion (or its helpers) to fail it with this message; reported as `failed`.
+
+    ``hint``: advice for exactly this failed check, shown after the message. Give one only where it fits
+    this failure; a failure with no fitting hint shows none.
+    """
+
+    def __init__(self, message: str, hint: str = ""):
+        super().__init__(message)
+        self.hint = hint
 
 
 class GradingError(Exception):
@@ -135,7 +143,6 @@ class Criterion:
     run: CriterionFn
     exercise: str  # the graded function it checks; `check("<exercise>")` runs all criteria of it
     description: str = ""
-    hint: str = ""  # shown with a failure
     timeout_s: float = 120.0
     gate: tuple[str, ...] | None = None  # performance: criteria that must pass first (default: GATING_KINDS)
 
@@ -160,7 +167,6 @@ class Lab:
         kind: str,
         points: int,
         exercise: str | None = None,
-        hint: str = "",
         timeout_s: float = 120.0,
         gate: tuple[str, ...] | None = None,
     ) -> Callable[[CriterionFn], CriterionFn]:
@@ -176,7 +182,7 @@ class Lab:
                 )
             doc = (fn.__doc__ or "").strip().splitlines()
             self.criteria.append(
-                Criterion(id, kind, points, fn, ex, doc[0] if doc else "", hint, timeout_s, gate)
+                Criterion(id, kind, points, fn, ex, doc[0] if doc else "", timeout_s, gate)
             )
             return fn
 
@@ -246,7 +252,7 @@ def run_criterion(crit: Criterion, learner: Learner, ctx: Context) -> Result:
         passed, message, metrics = bool(out[0]), str(out[1]), dict(out[2] or {}) if len(out) > 2 else {}
         status = "passed" if passed else "failed"
     except Fail as err:
-        status, message = "failed", str(err)
+        status, message = "failed", str(err) + (f"\nHint: {err.hint}" if err.hint else "")
     except GradingError as err:
         status, message = "error", str(err)
     except Blocked as err:
@@ -258,8 +264,6 @@ def run_criterion(crit: Criterion, learner: Learner, ctx: Context) -> Result:
         )
     except Exception as err:  # noqa: BLE001 - anything the learner's code raises is reported, not fatal
         status, message = "error", f"{type(err).__name__}: {err}" + _where(err)
-    if status not in ("passed", "blocked") and crit.hint:  # a hint helps fix code, not a missing GPU
-        message += f"\nHint: {crit.hint}"
     metrics.setdefault("seed", ctx.seed)
     return Result(
         crit.id,

@@ -21,7 +21,7 @@ LAB = Lab(
 )
 
 
-@LAB.criterion("mean_values", "correctness", 3, exercise="mean", hint="sum(xs) / len(xs)")
+@LAB.criterion("mean_values", "correctness", 3, exercise="mean")
 def mean_values(learner: Learner, ctx: Context) -> Outcome:
     """mean() of fresh random lists."""
     fn, rng = learner.fn("mean"), ctx.rng("mean")
@@ -33,7 +33,8 @@ def mean_values(learner: Learner, ctx: Context) -> Outcome:
         if math.isnan(got):
             raise Fail(f"list {k} ({len(xs)} values): mean returned NaN")
         if abs(got - sum(xs) / len(xs)) > 1e-9:
-            raise Fail(f"list {k} ({len(xs)} values): expected {sum(xs) / len(xs):.6f}, got {got:.6f}")
+            raise Fail(f"list {k} ({len(xs)} values): expected {sum(xs) / len(xs):.6f}, got {got:.6f}",
+                       hint="sum(xs) / len(xs)")
     return Outcome(True, "5 hidden lists match", {"cases": 5})
 
 

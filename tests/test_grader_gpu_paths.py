@@ -103,7 +103,7 @@ def test_vllm_probe_says_what_is_missing(monkeypatch):
 def test_a_criterion_can_declare_itself_blocked_at_run_time():
     lab = Lab("t", "t", "t.ipynb", "t", ("f",))
 
-    @lab.criterion("needs_thing", "correctness", 2, hint="not for blocked")
+    @lab.criterion("needs_thing", "correctness", 2)
     def needs_thing(learner, ctx) -> Outcome:
         raise spec.Blocked("needs the thing: `pip install thing`")
 

@@ -23,13 +23,15 @@ def _decode(learner: Learner, model, prompt: list[int], n: int, eos_id: int | No
     return token_list(learner.fn(FN)(model, list(prompt), n, eos_id), FN, case)
 
 
-@LAB.criterion(
-    "matches_reference",
-    "correctness",
-    4,
-    hint="compare with servelab.reference_greedy on the failing prompt; check the position of "
-    "each decode step (prompt length + tokens generated so far) and that you feed the newest token",
-)
+FIRST = ("the first new token comes from the prefill: run the whole prompt in one forward with positions "
+         "0..P-1 and take the argmax of its last logits")
+LATER = ("check the position of each decode step (prompt length + tokens generated so far - 1) and that "
+         "you feed the newest token")
+LENGTH = ("append a token before testing it against eos_id, so the EOS token itself is included; otherwise stop "
+          "at max_new_tokens")
+
+
+@LAB.criterion("matches_reference", "correctness", 4)
 def matches_reference(learner: Learner, ctx: Context) -> Outcome:
     """Same tokens as reference_greedy on fresh random-id and corpus prompts."""
     from servelab import reference_greedy
@@ -42,19 +44,13 @@ def matches_reference(learner: Learner, ctx: Context) -> Outcome:
         new = rng.randint(8, 24 if ctx.quick else 40)
         case = f"prompt {k} ({label}, max_new_tokens={new})"
         got = _decode(learner, model, prompt, new, None, case)  # first: a broken function fails fast
-        compare_tokens(reference_greedy(model, prompt, new), got, case, model, prompt)
+        compare_tokens(reference_greedy(model, prompt, new), got, case, model, prompt, FIRST, LATER, LENGTH)
     return Outcome(
         True, f"{len(cases)} hidden prompts match reference_greedy token for token", {"cases": len(cases)}
     )
 
 
-@LAB.criterion(
-    "edge_cases",
-    "correctness",
-    2,
-    hint="return only the new tokens; append a token before testing it against eos_id, so the "
-    "EOS token itself is included; size the cache for len(prompt) + max_new_tokens",
-)
+@LAB.criterion("edge_cases", "correctness", 2)
 def edge_cases(learner: Learner, ctx: Context) -> Outcome:
     """Prompt of 1 token, max_new_tokens=1, EOS on the first and a later step, an EOS that never comes."""
     from servelab import reference_greedy
@@ -80,17 +76,12 @@ def edge_cases(learner: Learner, ctx: Context) -> Outcome:
     ]
     for label, prompt, new, eos, expected in cases:
         case = f"{label} (prompt {len(prompt)} tokens, max_new_tokens={new}, eos_id={eos})"
-        compare_tokens(expected, _decode(learner, model, prompt, new, eos, case), case, model, prompt)
+        compare_tokens(expected, _decode(learner, model, prompt, new, eos, case), case, model, prompt,
+                       FIRST, LATER, LENGTH)
     return Outcome(True, f"{len(cases)} edge cases match", {"cases": len(cases)})
 
 
-@LAB.criterion(
-    "one_token_per_step",
-    "correctness",
-    2,
-    hint="prefill with model(ids [1, P], positions [1, P], view); then each step calls "
-    "model(next_token [1, 1], position [1, 1], view) with the same cache view",
-)
+@LAB.criterion("one_token_per_step", "correctness", 2)
 def one_token_per_step(learner: Learner, ctx: Context) -> Outcome:
     """Uses the KV cache: one prefill over the prompt, then exactly one new token per forward."""
     from grader.probes import CountingModel
@@ -131,14 +122,7 @@ def one_token_per_step(learner: Learner, ctx: Context) -> Outcome:
     return Outcome(True, f"prefill of {len(prompt)} tokens, then {len(calls) - 1} one-token steps", metrics)
 
 
-@LAB.criterion(
-    "kv_cache_speedup",
-    "performance",
-    2,
-    timeout_s=180,
-    hint="make sure each step does O(1) work outside the model: no re-tokenising, no torch.cat of "
-    "the whole sequence, no .cpu() of large tensors",
-)
+@LAB.criterion("kv_cache_speedup", "performance", 2, timeout_s=180)
 def kv_cache_speedup(learner: Learner, ctx: Context) -> Outcome:
     """Cached decode vs reference_greedy (no cache): median of paired, alternating runs, 64 new tokens."""
     from grader.probes import CountingModel
