@@ -99,9 +99,7 @@ def _eos_case(ctx: Context, requests) -> int:
 
 
 # ----------------------------------------------------------------------------- part 1
-@LAB.criterion("generate_one_matches", "correctness", 2, exercise="generate_one",
-               hint="one clock.step() per forward; record every token with completion.add(token, clock.now(), "
-                    "eos_id, request.max_new_tokens) and stop when it returns True")
+@LAB.criterion("generate_one_matches", "correctness", 2, exercise="generate_one")
 def generate_one_matches(learner: Learner, ctx: Context) -> Outcome:
     """Same tokens as decoding alone, one clock step per token, clear errors for bad requests."""
     from servelab.engine import Completion, StepClock
@@ -139,9 +137,7 @@ def generate_one_matches(learner: Learner, ctx: Context) -> Outcome:
                    {"cases": len(reqs) + 1})
 
 
-@LAB.criterion("left_pad_layout", "correctness", 1, exercise="left_pad",
-               hint="row i ends with prompt i: ids[i, T-len:] = prompt, positions[i, T-len:] = 0..len-1, "
-                    "everything before is pad_id / -1")
+@LAB.criterion("left_pad_layout", "correctness", 1, exercise="left_pad")
 def left_pad_layout(learner: Learner, ctx: Context) -> Outcome:
     """Left padding with positions -1 for random prompt lengths (including a 1-token prompt)."""
     import torch
@@ -177,8 +173,7 @@ def _static_trace(ctx: Context):
     return _requests(ctx, "static", 7 if ctx.quick else 11, (1, 40), (1, 28 if ctx.quick else 40))
 
 
-@LAB.criterion("static_matches_alone", "correctness", 3, exercise="static_batching",
-               hint="finished rows feed position -1; the decode position of row i is len(prompt_i) + generated_i - 1")
+@LAB.criterion("static_matches_alone", "correctness", 3, exercise="static_batching")
 def static_matches_alone(learner: Learner, ctx: Context) -> Outcome:
     """Hidden traces (more requests than the batch, 1-token prompts, max_new_tokens=1, EOS at step 1,
     arrivals during a batch): every request's tokens equal it decoded alone."""
@@ -197,9 +192,7 @@ def static_matches_alone(learner: Learner, ctx: Context) -> Outcome:
     return Outcome(True, f"3 hidden traces, {n} tokens, all equal to decoding each request alone", {"tokens": n})
 
 
-@LAB.criterion("static_accounting", "correctness", 1, exercise="static_batching",
-               hint="steps: one per forward; computed_slot_steps += rows in the batch every step; "
-                    "busy_slot_steps += rows that still needed a token")
+@LAB.criterion("static_accounting", "correctness", 1, exercise="static_batching")
 def static_accounting(learner: Learner, ctx: Context) -> Outcome:
     """Steps and slot-steps match what batches of the given size must cost (the waste is measured)."""
     from servelab.engine import StepClock
@@ -234,17 +227,14 @@ def _bad_requests(learner: Learner, ctx: Context, fn: str, *engine_args) -> Outc
     return Outcome(True, "3 bad requests rejected with a message; the 4 others served correctly")
 
 
-@LAB.criterion("static_bad_requests", "correctness", 1, exercise="static_batching",
-               hint="split the requests with servelab.engine.reject_invalid before batching")
+@LAB.criterion("static_bad_requests", "correctness", 1, exercise="static_batching")
 def static_bad_requests(learner: Learner, ctx: Context) -> Outcome:
     """Empty prompt, max_new_tokens=0 and a prompt longer than the cache are rejected; others unaffected."""
     return _bad_requests(learner, ctx, "static_batching", 3)
 
 
 # ----------------------------------------------------------------------------- part 3
-@LAB.criterion("continuous_matches_alone", "correctness", 4, exercise="continuous_batching",
-               hint="a request admitted this step gets its first token from the prefill and decodes from the next "
-                    "step; its decode position is len(prompt) + generated - 1 in its own slot")
+@LAB.criterion("continuous_matches_alone", "correctness", 4, exercise="continuous_batching")
 def continuous_matches_alone(learner: Learner, ctx: Context) -> Outcome:
     """Hidden traces: more requests than slots, arrivals while others run, very different lengths,
     1-token prompts, max_new_tokens=1, EOS at step 1, a token budget that binds."""
@@ -271,9 +261,7 @@ def continuous_matches_alone(learner: Learner, ctx: Context) -> Outcome:
     return Outcome(True, f"5 hidden traces, {n} tokens, all equal to decoding each request alone", {"tokens": n})
 
 
-@LAB.criterion("continuous_scheduling", "correctness", 3, exercise="continuous_batching",
-               hint="retire a finished request in the step it finishes and hand its slot to the next waiting "
-                    "request at the start of the next step; admit FCFS while slots and the budget allow")
+@LAB.criterion("continuous_scheduling", "correctness", 3, exercise="continuous_batching")
 def continuous_scheduling(learner: Learner, ctx: Context) -> Outcome:
     """No request starves; a finished request's slot is reused the next step; the running set never
     exceeds max_running; a step never computes more than the token budget (beyond one lone prompt)."""
@@ -323,15 +311,13 @@ def continuous_scheduling(learner: Learner, ctx: Context) -> Outcome:
                    {"steps": step, "max_running": run.max_running})
 
 
-@LAB.criterion("continuous_bad_requests", "correctness", 1, exercise="continuous_batching",
-               hint="split the requests with servelab.engine.reject_invalid before scheduling")
+@LAB.criterion("continuous_bad_requests", "correctness", 1, exercise="continuous_batching")
 def continuous_bad_requests(learner: Learner, ctx: Context) -> Outcome:
     """Empty prompt, max_new_tokens=0 and a prompt longer than the cache are rejected; others unaffected."""
     return _bad_requests(learner, ctx, "continuous_batching", 3, 512)
 
 
-@LAB.criterion("metrics_agree", "correctness", 1, exercise="continuous_batching",
-               hint="stamp every token with clock.now() right after clock.step(); compute nothing yourself")
+@LAB.criterion("metrics_agree", "correctness", 1, exercise="continuous_batching")
 def metrics_agree(learner: Learner, ctx: Context) -> Outcome:
     """On the same Poisson trace and virtual clock, the learner's engine and the reference engine give
     the same TTFT, TPOT, ITL and E2E (vLLM's definitions, servelab.metrics)."""
@@ -359,8 +345,7 @@ def _skewed(ctx: Context):
     return standard_trace("skewed", encode=ctx.tokenizer()).requests
 
 
-@LAB.criterion("continuous_step_ratio", "performance", 1, exercise="continuous_batching", timeout_s=300,
-               hint="keep every slot busy: admit as soon as a slot frees")
+@LAB.criterion("continuous_step_ratio", "performance", 1, exercise="continuous_batching", timeout_s=300)
 def continuous_step_ratio(learner: Learner, ctx: Context) -> Outcome:
     """Engine steps of the reference static batching / your continuous batching, skewed trace, 8 slots."""
     from servelab.engine import StepClock
@@ -377,8 +362,7 @@ def continuous_step_ratio(learner: Learner, ctx: Context) -> Outcome:
                     "continuous_steps": cont.steps, "slot_utilization": round(cont.slot_utilization, 3)})
 
 
-@LAB.criterion("continuous_speedup", "performance", 3, exercise="continuous_batching", timeout_s=600,
-               hint="one batched decode forward per step for all running requests; no per-request forwards")
+@LAB.criterion("continuous_speedup", "performance", 3, exercise="continuous_batching", timeout_s=600)
 def continuous_speedup(learner: Learner, ctx: Context) -> Outcome:
     """Throughput of your continuous batching over the reference static batching, skewed trace, 8 slots:
     median of paired, alternating wall-clock runs."""
