@@ -16,6 +16,12 @@ class Call:
     max_position: int
     cached: bool  # a KV cache (view) was passed
     seconds: float
+    positions: list[list[int]] = field(default_factory=list)  # per row, as fed (-1 = padding)
+
+    @property
+    def real_tokens(self) -> int:
+        """Tokens that are not padding: what the step really asked the model to compute."""
+        return sum(p >= 0 for row in self.positions for p in row)
 
 
 @dataclass
@@ -30,8 +36,10 @@ class CountingModel:
 
         with timer(input_ids.device) as t:
             out = self.model(input_ids, positions, cache)
-        pos = int(positions.max()) if positions is not None and positions.numel() else input_ids.shape[1] - 1
-        self.calls.append(Call(input_ids.shape[1], input_ids.shape[0], pos, cache is not None, t.elapsed_s))
+        rows = (positions.tolist() if positions is not None
+                else [list(range(input_ids.shape[1]))] * input_ids.shape[0])
+        top = max((p for row in rows for p in row), default=input_ids.shape[1] - 1)
+        self.calls.append(Call(input_ids.shape[1], input_ids.shape[0], top, cache is not None, t.elapsed_s, rows))
         return out
 
     def forward(self, *args, **kwargs):
@@ -45,3 +53,7 @@ class CountingModel:
     @property
     def forward_tokens(self) -> int:
         return sum(c.tokens * c.batch for c in self.calls)
+
+    @property
+    def real_forward_tokens(self) -> int:
+        return sum(c.real_tokens for c in self.calls)

@@ -23,7 +23,9 @@ THRESHOLDS: dict[str, dict[str, float]] = {
     "cpu": {
         "00_warmup/kv_cache_speedup": 1.5,  # solution, shipped target: 2.9-3.2x (prompt 32, 64 new tokens)
         "01_batching/continuous_step_ratio": 2.0,  # deterministic; the solution takes 4402 / 1599 = 2.75x
-        "01_batching/continuous_speedup": 2.0,  # issue #4's bar for the 2-core CPU; solution 2.26-2.43x per pair
+        # half the skewed trace (64 requests); solution: see the closing note of issue #8 for the measured pairs.
+        # Wrong engines land far below (per-request forwards: 0.6x), a busy machine a little below the solution
+        "01_batching/continuous_speedup": 1.5,
     },
     **{gpu: {
         "00_warmup/kv_cache_speedup": 0.8,  # launch-bound at this model size: see above
@@ -31,7 +33,7 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         # launch-bound: a step costs about the same at any batch size, so the wall-clock ratio approaches
         # the step ratio (2.75x on the skewed trace with 8 slots; H200: 3.11x, one pair). The ">= 4x on an
         # H100" of issue #4 needs a larger model or more slots.
-        "01_batching/continuous_speedup": 2.0,
+        "01_batching/continuous_speedup": 1.5,
     } for gpu in ("h100", "h200", "a100", "l4")},
 }
 

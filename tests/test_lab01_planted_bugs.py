@@ -1,0 +1,95 @@
+"""Classic wrong implementations of lab 01, planted into the reference solution: each must fail the criterion
+that is about it, with that check's own message and hint (issue #8)."""
+from __future__ import annotations
+
+import inspect
+import types
+
+import pytest
+
+import servelab.reference.batching as solution
+from grader.checks import speed_verdict
+from grader.labs import lab01_batching as lab01
+from grader.spec import Context, Fail, Learner, run_criterion
+from servelab.timing import PairedResult
+
+SOURCE = inspect.getsource(solution)
+
+
+def planted(*edits: tuple[str, str]) -> Learner:
+    """The solution's functions with ``edits`` (old, new) applied to their source."""
+    src = SOURCE
+    for old, new in edits:
+        assert src.count(old) == 1, f"the planted bug no longer applies to the solution: {old!r}"
+        src = src.replace(old, new)
+    module = types.ModuleType("planted")
+    exec(compile(src, "<planted>", "exec"), module.__dict__)
+    return Learner(module.__dict__)
+
+
+def grade(learner: Learner, criterion: str):
+    return run_criterion(lab01.LAB.get(criterion), learner, Context("01_batching", quick=True, seed=5))
+
+
+PADS_AT_ZERO = ("positions = torch.full((len(prompts), width), -1, dtype=torch.long)",
+                "positions = torch.zeros((len(prompts), width), dtype=torch.long)")
+RE_PREFILL = ("            last = torch.tensor([[running[s][1].tokens[-1]] for s in slots])\n"
+              "            positions = torch.tensor([[running[s][0].prompt_len + len(running[s][1].tokens) - 1] for s in slots])\n",
+              "            last, positions = left_pad([running[s][0].prompt_ids + running[s][1].tokens for s in slots])\n")
+EOS_ONLY_AT_PREFILL = ("            if out.add(token, now, eos_id, request.max_new_tokens):",
+                       "            if out.add(token, now, eos_id if not out.tokens else None, request.max_new_tokens):")
+
+
+def test_the_solution_passes_the_new_checks():
+    for criterion in ("static_model_inputs", "continuous_model_inputs"):
+        res = grade(Learner(vars(solution)), criterion)
+        assert res.status == "passed", res.message
+
+
+def test_pads_at_position_zero_fail_static_model_inputs():
+    """Planted bug 1 passed every static criterion before: it happens to decode right on a CPU."""
+    res = grade(planted(PADS_AT_ZERO), "static_model_inputs")
+    assert res.status == "failed"
+    assert "position 0 appears" in res.message and "Hint: padding has position -1" in res.message
+
+
+def test_re_prefilling_engine_fails_continuous_model_inputs():
+    """Planted bug 2: correct tokens, but every step re-runs every running sequence."""
+    learner = planted(RE_PREFILL)
+    assert grade(learner, "continuous_matches_alone").status == "passed"  # correct, so only counting catches it
+    res = grade(learner, "continuous_model_inputs")
+    assert res.status == "failed"
+    assert "asked the model to compute" in res.message and "never its whole sequence again" in res.message
+
+
+def test_eos_checked_only_at_prefill_fails_with_the_stopping_hint():
+    """Planted bug 3: the later-EOS case catches it, and the hint is about stopping, not about positions."""
+    res = grade(planted(EOS_ONLY_AT_PREFILL), "continuous_matches_alone")
+    assert res.status == "failed"
+    assert "eos_id" in res.message and "Hint: stop a request right after it emits eos_id" in res.message
+    assert "position" not in res.message.split("Hint:")[1]
+
+
+def test_a_noisy_miss_says_rerun_and_gives_no_hint():
+    timing = PairedResult([1.0, 1.2, 1.1], [0.8, 0.7, 0.75])  # ratios 1.25, 1.71, 1.47 -> median 1.47
+    with pytest.raises(Fail) as err:
+        speed_verdict("throughput", timing, 1.5, "cpu", "2.75x fewer steps", True, {}, hint="batch your forwards")
+    assert "looks like noise" in str(err.value) and "1.25, 1.71, 1.47" in str(err.value) and not err.value.hint
+    with pytest.raises(Fail) as err:  # a clear miss with the deterministic figure failing too: the hint fits
+        speed_verdict("throughput", PairedResult([1.0] * 3, [1.6] * 3), 1.5, "cpu", "1.1x fewer steps", False, {},
+                      hint="batch your forwards")
+    assert "noise" not in str(err.value) and err.value.hint == "batch your forwards"
+    ok = speed_verdict("throughput", PairedResult([2.0] * 3, [1.0] * 3), 1.5, "cpu", "2.75x fewer steps", True, {})
+    assert ok.passed and "median of 3 alternating pairs: 2.00, 2.00, 2.00" in ok.message
+
+
+def test_static_steps_match_the_reference_static_engine():
+    from servelab import load_model
+    from servelab.engine import StepClock
+    from servelab.workloads import Request
+
+    model = load_model()
+    reqs = [Request(i, [5 + i, 9, 11 + i], n, 0.0) for i, n in enumerate([3, 9, 1, 6, 4, 2, 7])]
+    run = solution.static_batching(model, reqs, 3, None, StepClock())
+    lengths = {r.id: len(run.completions[r.id].tokens) for r in reqs}
+    assert lab01.static_steps(reqs, lengths, 3) == run.steps == 9 + 6 + 7
