@@ -2,10 +2,8 @@
 that is about it, with that check's own message and hint (issue #8)."""
 from __future__ import annotations
 
-import inspect
-import types
-
 import pytest
+from planted import planted as plant
 
 import servelab.reference.batching as solution
 from grader.checks import speed_verdict
@@ -13,18 +11,9 @@ from grader.labs import lab01_batching as lab01
 from grader.spec import Context, Fail, Learner, run_criterion
 from servelab.timing import PairedResult
 
-SOURCE = inspect.getsource(solution)
-
 
 def planted(*edits: tuple[str, str]) -> Learner:
-    """The solution's functions with ``edits`` (old, new) applied to their source."""
-    src = SOURCE
-    for old, new in edits:
-        assert src.count(old) == 1, f"the planted bug no longer applies to the solution: {old!r}"
-        src = src.replace(old, new)
-    module = types.ModuleType("planted")
-    exec(compile(src, "<planted>", "exec"), module.__dict__)
-    return Learner(module.__dict__)
+    return plant(solution, *edits)
 
 
 def grade(learner: Learner, criterion: str):
@@ -68,6 +57,51 @@ def test_eos_checked_only_at_prefill_fails_with_the_stopping_hint():
     assert res.status == "failed"
     assert "eos_id" in res.message and "Hint: stop a request right after it emits eos_id" in res.message
     assert "position" not in res.message.split("Hint:")[1]
+
+
+# (name, edits, criterion that must fail, words its message must hold)
+CLASSIC = [
+    ("LIFO admission", [("request = waiting.popleft()", "request = waiting.pop()")],
+     "continuous_scheduling", "another order than they arrived"),
+    ("slots freed only when all finish", [("                free.append(s)\n", ""),
+                                          ("        budget = max_step_tokens - len(running)\n",
+                                           "        free = free or ([] if running else list(range(max_running - 1, -1, -1)))\n"
+                                           "        budget = max_step_tokens - len(running)\n")],
+     "continuous_scheduling", "a slot sat idle"),
+    ("over-admission", [("    cache = model.new_cache(max_running, max_len)\n    waiting",
+                         "    cache = model.new_cache(max_running + 1, max_len)\n    waiting"),
+                        ("free = list(range(max_running - 1, -1, -1))", "free = list(range(max_running, -1, -1))")],
+     "continuous_scheduling", "never run more than max_running"),
+    ("token budget ignored", [("(waiting[0].prompt_len <= budget or not (admitted or running))", "True")],
+     "continuous_scheduling", "token budget"),
+    ("EOS ignored", [("if out.add(token, now, eos_id, request.max_new_tokens):",
+                      "if out.add(token, now, None, request.max_new_tokens):")],
+     "continuous_matches_alone", "eos_id"),
+    ("max_new_tokens + 1", [("if out.add(token, now, eos_id, request.max_new_tokens):",
+                             "if out.add(token, now, eos_id, request.max_new_tokens + 1):")],
+     "continuous_matches_alone", "expected"),
+    ("max_new_tokens - 1", [("if out.add(token, now, eos_id, request.max_new_tokens):",
+                             "if out.add(token, now, eos_id, max(1, request.max_new_tokens - 1)):")],
+     "continuous_matches_alone", "expected"),
+    ("pads at position 0", [PADS_AT_ZERO], "static_model_inputs", "position 0 appears"),
+    ("admission before arrival", [("while waiting and free and waiting[0].arrival_s <= clock.now() and \\",
+                                   "while waiting and free and \\")],
+     "continuous_matches_alone", "before its arrival"),
+    ("tokens stamped before clock.step()", [("        clock.step()\n        run.steps += 1\n        run.busy_slot_steps",
+                                             "        run.steps += 1\n        run.busy_slot_steps"),
+                                            ("                free.append(s)\n    run.seconds",
+                                             "                free.append(s)\n        clock.step()\n    run.seconds")],
+     "metrics_agree", "token times"),
+    ("re-prefill every step", [RE_PREFILL], "continuous_model_inputs", "asked the model to compute"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,edits,criterion,words", CLASSIC, ids=[c[0] for c in CLASSIC])
+def test_classic_bug_fails_its_criterion(name, edits, criterion, words):
+    res = grade(planted(*edits), criterion)
+    assert res.status == "failed", f"{name}: {criterion} {res.status}: {res.message}"
+    assert words in res.message, f"{name}: {res.message}"
 
 
 def test_a_noisy_miss_says_rerun_and_gives_no_hint():

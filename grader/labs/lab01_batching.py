@@ -400,12 +400,18 @@ def continuous_scheduling(learner: Learner, ctx: Context) -> Outcome:
         running = [i for i in running if remaining[i] > 0]
     if per_step != expected:
         bad = min(s for s in set(per_step) | set(expected) if per_step[s] != expected[s])
-        got_steps = [per_step[k] for k in range(1, max(per_step) + 1)]
-        raise Fail(f"12 requests at t=0 with 4 slots: requests that produced a token in engine steps 1, 2, 3, ... "
-                   f"(counting from 1): {_short_list(got_steps, 16)}; expected {_short_list(list(expected.values()), 16)}. "
-                   f"First difference at step {bad}: {per_step[bad]} instead of {expected[bad]}",
-                   "every slot stays busy while requests wait: retire a request in the step it finishes and give "
-                   "its slot to the next waiting request at the start of the next step")
+        lo, hi = max(1, bad - 2), bad + 3
+        window = ", ".join(f"step {k}: {per_step[k]} (expected {expected[k]})" for k in range(lo, hi))
+        if per_step[bad] > slots:
+            hint = "never run more than max_running requests at once"
+        elif per_step[bad] < expected[bad]:
+            hint = ("a slot sat idle while requests waited: retire a request in the step it finishes and give its "
+                    "slot to the next waiting request at the start of the next step")
+        else:
+            hint = ("requests ran in another order than they arrived: admit FCFS, sorted by (arrival_s, id), so "
+                    "they finish at other steps than expected")
+        raise Fail(f"12 requests at t=0 with 4 slots: the number of requests that produced a token differs first "
+                   f"at engine step {bad} (steps count from 1): {window}", hint)
     if run.max_running > slots:
         raise Fail(f"run.max_running = {run.max_running} > max_running = {slots}",
                    "admit a request only while fewer than max_running are running")

@@ -1,0 +1,17 @@
+"""Plant a bug into a reference solution: its source with (old, new) edits, loaded as the learner's code."""
+from __future__ import annotations
+
+import inspect
+import types
+
+from grader.spec import Learner
+
+
+def planted(module: types.ModuleType, *edits: tuple[str, str]) -> Learner:
+    src = inspect.getsource(module)
+    for old, new in edits:
+        assert src.count(old) == 1, f"the planted bug no longer applies to the solution: {old!r}"
+        src = src.replace(old, new)
+    code = types.ModuleType("planted")
+    exec(compile(src, "<planted>", "exec"), code.__dict__)
+    return Learner(code.__dict__)
