@@ -32,9 +32,12 @@ def test_tour_quick(tmp_path):
 
 
 def test_doctor_runs():
-    res = subprocess.run([sys.executable, "-m", "servelab.cli", "doctor"], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != device.DEVICE_ENV}
+    res = subprocess.run([sys.executable, "-m", "servelab.cli", "doctor"], capture_output=True, text=True, timeout=120,
+                         env=env)
     assert res.returncode == 0, res.stderr
     assert "02_paged_attention" in res.stdout
+    assert "auto (no $SERVELAB_DEVICE)" in res.stdout  # which device the labs will use, and why
     if not (device.LABS_DIR / "02_paged_attention").is_dir():
         assert "not built yet" in res.stdout
 
@@ -43,4 +46,5 @@ def test_cli_reports_bad_model_cleanly():
     res = subprocess.run([sys.executable, "-m", "servelab.cli", "tour", "--model", "/no/such/dir"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
-    assert "not found" in res.stdout
+    assert "not found" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr  # one line, however wide the terminal
