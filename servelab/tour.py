@@ -73,6 +73,7 @@ def section_generate(ctx: dict) -> dict:
             for i, (prompt, completion) in enumerate(zip(PROMPTS, completions), 1):
                 console.rule(f"[dim]target, greedy, prompt {i} of {len(PROMPTS)}")
                 console.print(Text(prompt, style="dim") + Text(completion, style="bold"), highlight=False)
+            console.rule(style="dim")
     return out
 
 
