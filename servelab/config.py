@@ -7,10 +7,28 @@ from pathlib import Path
 
 SUPPORTED_ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
 SUPPORTED_ROPE_TYPES = {"default", "llama3"}
+REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
 
 
 class UnsupportedModelError(ValueError):
     """The checkpoint is not one servelab's runtime can execute."""
+
+
+class CheckpointError(UnsupportedModelError):
+    """A checkpoint file is missing, damaged or incomplete (a truncated download, a file overwritten...)."""
+
+
+def read_json(file: Path) -> dict:
+    """A checkpoint's JSON file as a dict, or a CheckpointError naming the file and where it stops being JSON."""
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from err
+    except UnicodeDecodeError as err:
+        raise CheckpointError(f"{file} is not valid JSON (not UTF-8 text: {err.reason} at byte {err.start})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file} should hold a JSON object, not a {type(data).__name__}")
+    return data
 
 
 @dataclass(frozen=True)
@@ -53,6 +71,9 @@ class ModelConfig:
                 f"{source}: architecture {archs or hf.get('model_type')!r} is not supported; servelab runs "
                 f"{sorted(SUPPORTED_ARCHITECTURES)} checkpoints (e.g. Llama 3.x, TinyLlama, SmolLM, Qwen2/2.5)."
             )
+        missing = [key for key in REQUIRED_KEYS if key not in hf]
+        if missing:
+            raise CheckpointError(f"{source}: no {', '.join(missing)}: a Llama/Qwen2 config.json has them all")
         rope = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
         if rope_type not in SUPPORTED_ROPE_TYPES:
@@ -88,4 +109,4 @@ class ModelConfig:
         file = Path(path) / "config.json"
         if not file.is_file():
             raise UnsupportedModelError(f"{path}: no config.json, so this is not a Hugging Face model directory")
-        return cls.from_hf(json.loads(file.read_text()), source=str(path))
+        return cls.from_hf(read_json(file), source=str(file))

@@ -159,13 +159,31 @@ def cpu_name() -> str:
         return platform.processor() or "cpu"
 
 
-def describe() -> dict:
-    """What this machine has, for `servelab doctor`, notebook setup cells and grader reports."""
-    dev = get_device("auto")
+def device_choice(request: str | torch.device | None = None) -> tuple[torch.device, str]:
+    """The device the labs will use (``get_device(request)``) and why: the request, else $SERVELAB_DEVICE, else
+    what "auto" found. An impossible $SERVELAB_DEVICE raises get_device's DeviceError, saying it came from there."""
+    env = os.environ.get(DEVICE_ENV)
+    source = "requested" if request else f"${DEVICE_ENV}={env}" if env else f"no ${DEVICE_ENV}"
+    try:
+        dev = get_device(request)
+    except DeviceError as err:
+        if request:
+            raise
+        raise DeviceError(f"{source}: {err}") from None  # the setting to fix, first
+    if str(request or env or "auto").lower() == "auto":
+        return dev, f"auto ({source}): " + ("a CUDA GPU here" if dev.type == "cuda" else "no CUDA GPU here")
+    return dev, f"requested {str(request)!r}" if request else source
+
+
+def describe(device: str | torch.device | None = None) -> dict:
+    """What this machine has and the device the labs will use on it (``device``, else $SERVELAB_DEVICE, else
+    auto), for `servelab doctor`, notebook setup cells and grader reports."""
+    dev, why = device_choice(device)
     info = {
         "python": platform.python_version(),
         "torch": torch.__version__,
         "device": str(dev),
+        "device_choice": why,
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else cpu_name(),
         "device_class": device_class(dev),
         "cuda": torch.version.cuda,

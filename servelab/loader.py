@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from servelab.config import ModelConfig, UnsupportedModelError
+from servelab.config import CheckpointError, ModelConfig, UnsupportedModelError, read_json
 from servelab.device import get_device
 from servelab.model import CausalLM
 
@@ -46,25 +49,59 @@ def resolve_model_path(name_or_path: str | os.PathLike | None = None, env: str =
 
             return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model"]))
         except Exception as err:  # offline, gated, or no such repo: say so plainly
+            reason = " ".join(str(err).split())  # hub errors span several lines
             raise ModelNotFoundError(f"{name!r} is not a local directory and could not be downloaded from the "
-                                     f"Hugging Face hub ({type(err).__name__}: {err}). Pass a local checkpoint "
+                                     f"Hugging Face hub ({type(err).__name__}: {reason}). Pass a local checkpoint "
                                      f"directory, or one of {sorted(SHIPPED)}.") from err
     raise ModelNotFoundError(f"model {name!r} not found: pass {sorted(SHIPPED)}, a local Hugging Face model "
                              f"directory, or a hub id like 'Qwen/Qwen2.5-0.5B' (set ${env} to choose it everywhere)")
 
 
+def repair_hint(path: Path, env: str = MODEL_ENV) -> str:
+    """What to do about a damaged or incomplete checkpoint directory."""
+    if path.resolve().is_relative_to(SHIPPED_DIR.resolve()):
+        return "restore the shipped models with `git checkout servelab/models` (or reinstall servelab)"
+    return f"re-download the checkpoint, or check that ${env} (or the path you passed) names the model you meant"
+
+
+@contextmanager
+def _with_repair_hint(path: Path, env: str) -> Iterator[None]:
+    """A CheckpointError raised inside gets ``repair_hint`` appended: the file it names, then what to do."""
+    try:
+        yield
+    except CheckpointError as err:
+        raise CheckpointError(f"{err}; {repair_hint(path, env)}") from err
+
+
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     index = path / "model.safetensors.index.json"
     if index.is_file():
-        files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index} has no weight_map (tensor name -> shard file)")
+        files = sorted(set(weight_map.values()))
     elif (path / "model.safetensors").is_file():
         files = ["model.safetensors"]
     else:
         raise UnsupportedModelError(f"{path}: no model.safetensors (or sharded index); servelab loads safetensors only")
     state: dict[str, torch.Tensor] = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        state.update(read_safetensors(path / f))
     return state
+
+
+def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
+    """One safetensors file, or a CheckpointError naming it when it is missing, truncated or not safetensors."""
+    if not file.is_file():
+        raise CheckpointError(f"{file} is missing (the sharded index lists it)")
+    try:
+        return load_file(str(file))
+    except SafetensorError as err:
+        with open(file, "rb") as f:
+            lfs_pointer = f.read(24) == b"version https://git-lfs."
+        problem = "a Git LFS pointer, not the weights (run `git lfs pull`)" if lfs_pointer else \
+            f"damaged or incomplete ({err})"
+        raise CheckpointError(f"{file} is {problem}") from err
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
@@ -74,9 +111,10 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     ``fuse_projections``: q/k/v and gate/up weights joined into one matmul each (``CausalLM.fuse_projections``).
     """
     path = resolve_model_path(name_or_path, env)
-    cfg = ModelConfig.from_dir(path)
+    with _with_repair_hint(path, env):
+        cfg = ModelConfig.from_dir(path)
+        state = {k: v for k, v in read_state_dict(path).items() if "rotary_emb" not in k}
     model = CausalLM(cfg)
-    state = {k: v for k, v in read_state_dict(path).items() if "rotary_emb" not in k}
     if cfg.tie_word_embeddings:
         state.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state, strict=False)
@@ -105,6 +143,30 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, env: str = MOD
     checkpoint goes through ``AutoTokenizer``, which knows each model family's tokenizer class.
     """
     path = resolve_model_path(name_or_path, env)
+    with _with_repair_hint(path, env):
+        check_tokenizer_files(path)
+        try:
+            return _hf_tokenizer(path)
+        except Exception:
+            if (path / "tokenizer.json").is_file():
+                read_json(path / "tokenizer.json")  # a damaged tokenizer.json: say so, naming the file
+            raise
+
+
+# the files a tokenizer can be built from, each enough on its own: any fast tokenizer; a byte-level BPE (GPT-2,
+# Qwen2) that transformers converts itself; a SentencePiece model (transformers asks for sentencepiece if missing)
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"), ("tokenizer.model",))
+
+
+def check_tokenizer_files(path: Path) -> None:
+    """Refuse a checkpoint without tokenizer files before transformers does, misleadingly ("install
+    sentencepiece or tiktoken"), saying which files are missing."""
+    if not any(all((path / f).is_file() for f in files) for files in TOKENIZER_FILES):
+        others = " or ".join(" + ".join(files) for files in TOKENIZER_FILES[1:])
+        raise CheckpointError(f"{path}: no tokenizer: tokenizer.json is missing (and there is no {others})")
+
+
+def _hf_tokenizer(path: Path):
     if _generic_tokenizer(path):
         from transformers import PreTrainedTokenizerFast  # = TokenizersBackend in transformers 5
 

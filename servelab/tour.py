@@ -9,7 +9,9 @@ from collections.abc import Callable
 
 import torch
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 from tqdm.auto import tqdm
 
 from servelab.acceptance import measure_acceptance
@@ -25,20 +27,28 @@ PROMPTS = [  # each ends mid-line: a prompt ending in "\n" hides the indentation
 ]
 
 
+ROLES = ("target", "draft")
+
+
 def section_models(ctx: dict) -> dict:
-    table = Table(title="default models")
-    for col in ("model", "layers", "hidden", "heads (q/kv)", "params", "weights MiB", "KV KiB/token"):
-        table.add_column(col, justify="right" if col != "model" else "left")
-    out = {}
-    for role in ("target", "draft"):
+    """One column per model, so its full name fits an 80-column terminal (a row per model cut names short)."""
+    out, cells = {}, {}
+    for role in ROLES:
         m = ctx[role]
         c = m.config
         params = sum(p.numel() for p in m.parameters())
         mib = sum(p.numel() * p.element_size() for p in m.parameters()) / 2**20
         kv = c.kv_bytes_per_token(m.lm_head.weight.element_size()) / 1024
-        table.add_row(f"{role}: {m.name}", str(c.num_layers), str(c.hidden_size), f"{c.num_heads}/{c.num_kv_heads}",
-                      f"{params / 1e6:.2f}M", f"{mib:.1f}", f"{kv:.1f}")
+        cells[role] = {"model": m.name, "layers": str(c.num_layers), "hidden": str(c.hidden_size),
+                       "heads (q/kv)": f"{c.num_heads}/{c.num_kv_heads}", "params": f"{params / 1e6:.2f}M",
+                       "weights MiB": f"{mib:.1f}", "KV KiB/token": f"{kv:.1f}"}
         out[role] = {"name": m.name, "params": params, "weights_mib": round(mib, 2), "kv_kib_per_token": kv}
+    table = Table(title="models")
+    table.add_column("")
+    for role in ROLES:
+        table.add_column(role, justify="right", overflow="fold")  # a long name folds; it is never cut
+    for row in cells["target"]:
+        table.add_row(row, *(cells[role][row] for role in ROLES))
     ctx["console"].print(table)
     return out
 
@@ -46,22 +56,24 @@ def section_models(ctx: dict) -> dict:
 def section_generate(ctx: dict) -> dict:
     from servelab.reference.warmup import greedy_decode  # lab 00's solution: greedy decoding with a KV cache
 
-    tok, n = ctx["tokenizer"], ctx["new_tokens"]
+    tok, n, console = ctx["tokenizer"], ctx["new_tokens"], ctx["console"]
     out = {}
-    for role in ("target", "draft"):
-        model, tokens, seconds, texts = ctx[role], 0, 0.0, []
+    for role in ROLES:
+        model, tokens, seconds, completions = ctx[role], 0, 0.0, []
         for prompt in tqdm(PROMPTS, desc=f"generating ({role})", leave=False):
             ids = tok(prompt, add_special_tokens=False)["input_ids"]
             t0 = time.perf_counter()
             new = greedy_decode(model, ids, n, tok.eos_token_id)
             seconds += time.perf_counter() - t0
             tokens += len(new)
-            texts.append(prompt + tok.decode(new))
+            completions.append(tok.decode(new))
         out[role] = {"tokens": tokens, "seconds": round(seconds, 3), "tokens_per_s": round(tokens / seconds, 1)}
-        if role == "target":
-            for text in texts[:2]:
-                ctx["console"].rule("[dim]target, greedy")
-                ctx["console"].print(text, markup=False, highlight=False)
+        if role == "target":  # every prompt timed is shown: the prompt dim, what the model wrote after it bold
+            out[role]["completions"] = completions
+            for i, (prompt, completion) in enumerate(zip(PROMPTS, completions), 1):
+                console.rule(f"[dim]target, greedy, prompt {i} of {len(PROMPTS)}")
+                console.print(Text(prompt, style="dim") + Text(completion, style="bold"), highlight=False)
+            console.rule(style="dim")
     return out
 
 
@@ -120,9 +132,10 @@ SECTIONS: list[tuple[str, Callable[[dict], dict]]] = [
 
 def run_tour(model=None, draft=None, device=None, quick: bool = False, console: Console | None = None) -> dict:
     console = console or Console()
-    info = describe()
+    info = describe(device)  # the device the labs will use, and why; an impossible choice stops here
     console.print(f"[bold]servelab tour[/] on {info['device']} ({info['device_name']}), torch {info['torch']}, "
                   f"Triton {info['triton_mode']}")
+    console.print(f"[dim]device {info['device']}: {escape(info['device_choice'])}")
     torch.manual_seed(0)
     if get_device(device).type == "cpu":
         torch.set_num_threads(1)  # small batches through a small model: one thread is fastest and steadiest

@@ -108,3 +108,27 @@ def test_cuda_device_comes_with_its_index(monkeypatch):
     assert device.get_device("cuda") == torch.device("cuda", 0)
     assert device.get_device("auto") == torch.device("cuda", 0)
     assert device.get_device("cuda:1") == torch.device("cuda", 1)
+
+
+def test_device_choice_says_why(monkeypatch):
+    """What doctor and the tour report: the device the labs will use and where that choice came from."""
+    monkeypatch.delenv(device.DEVICE_ENV, raising=False)
+    assert device.device_choice()[1].startswith("auto (no $SERVELAB_DEVICE)")
+    monkeypatch.setenv(device.DEVICE_ENV, "cpu")
+    assert device.device_choice() == (torch.device("cpu"), "$SERVELAB_DEVICE=cpu")
+    monkeypatch.setenv(device.DEVICE_ENV, "tpu")
+    assert device.device_choice("cpu") == (torch.device("cpu"), "requested 'cpu'")  # an argument wins
+    monkeypatch.setattr(device, "cuda_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setenv(device.DEVICE_ENV, "auto")
+    assert device.device_choice() == (torch.device("cuda", 0), "auto ($SERVELAB_DEVICE=auto): a CUDA GPU here")
+
+
+@pytest.mark.parametrize("setting", ["tpu", pytest.param("cuda", marks=needs_cpu_only)])
+def test_describe_follows_servelab_device(monkeypatch, setting):
+    """describe() (doctor, notebook setup cells) reports the device the labs will use, so an impossible
+    $SERVELAB_DEVICE is an error naming the setting, not a report of 'cpu'."""
+    monkeypatch.setenv(device.DEVICE_ENV, setting)
+    with pytest.raises(device.DeviceError, match=rf"^\$SERVELAB_DEVICE={setting}: "):
+        device.describe()
+    assert device.describe("cpu")["device"] == "cpu"

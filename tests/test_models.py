@@ -1,10 +1,14 @@
 """Shipped models and tokenizer: load offline, round-trip text, refuse bad input clearly."""
 import json
+import random
+import re
+import shutil
 
 import pytest
 import torch
 
-from servelab import ModelNotFoundError, UnsupportedModelError, load_model, load_tokenizer
+from servelab import ModelNotFoundError, UnsupportedModelError, load_model, load_tokenizer, loader
+from servelab.config import CheckpointError
 from servelab.generate import check_request
 from servelab.loader import SHIPPED, resolve_model_path
 
@@ -60,3 +64,67 @@ def test_bad_requests_are_clear_errors():
         check_request([1] * 10, 10, 4096, max_len=16)
     with pytest.raises(ValueError, match="token ids"):
         load_model()(torch.tensor([[5000]]))
+
+
+# ---------------------------------------------------------------- damaged or incomplete checkpoints (issue 8, 13)
+@pytest.fixture
+def checkpoint(tmp_path):
+    """A copy of the shipped target's directory, to damage."""
+    path = tmp_path / "model"
+    shutil.copytree(SHIPPED["target"], path)
+    return path
+
+
+def damage(file, how: str) -> None:
+    data = file.read_bytes()
+    file.write_bytes(data[: len(data) // 2] if how == "truncated" else random.Random(0).randbytes(100_000))
+
+
+@pytest.mark.parametrize("how", ["truncated", "random bytes"])
+def test_damaged_weights_name_the_file_and_what_to_do(checkpoint, how):
+    damage(checkpoint / "model.safetensors", how)
+    with pytest.raises(CheckpointError, match=re.escape(str(checkpoint / "model.safetensors")) +
+                       " is damaged or incomplete.*re-download the checkpoint.*SERVELAB_MODEL"):
+        load_model(checkpoint)
+
+
+def test_damaged_shipped_weights_say_git_checkout(checkpoint, monkeypatch):
+    monkeypatch.setattr(loader, "SHIPPED_DIR", checkpoint.parent)  # the copy stands for the shipped models
+    damage(checkpoint / "model.safetensors", "truncated")
+    with pytest.raises(CheckpointError, match="git checkout servelab/models"):
+        load_model(checkpoint)
+
+
+def test_missing_shard_names_the_file(checkpoint):
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "model-1-of-2.safetensors"}}))
+    with pytest.raises(CheckpointError, match=re.escape(str(checkpoint / "model-1-of-2.safetensors")) + " is missing"):
+        load_model(checkpoint)
+
+
+def test_corrupt_config_json_names_the_file_and_the_place(checkpoint):
+    (checkpoint / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],\n  "vocab_size": 4096,,\n}')
+    with pytest.raises(CheckpointError, match=re.escape(str(checkpoint / "config.json")) +
+                       r" is not valid JSON \(.* at line 2, column 22\)"):
+        load_model(checkpoint)
+
+
+def test_config_json_without_a_needed_field_names_it(checkpoint):
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    del cfg["hidden_size"]
+    (checkpoint / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json: no hidden_size"):
+        load_model(checkpoint)
+
+
+def test_missing_tokenizer_files_are_named_not_sentencepiece(checkpoint):
+    (checkpoint / "tokenizer.json").unlink()
+    with pytest.raises(CheckpointError, match="tokenizer.json is missing.*re-download") as err:
+        load_tokenizer(checkpoint)
+    assert "sentencepiece" not in str(err.value)
+
+
+def test_corrupt_tokenizer_json_names_the_file(checkpoint):
+    file = checkpoint / "tokenizer.json"
+    file.write_text(file.read_text()[:1000])
+    with pytest.raises(CheckpointError, match=re.escape(str(file)) + " is not valid JSON"):
+        load_tokenizer(checkpoint)

@@ -1,4 +1,5 @@
 """The README's main job runs end to end and reports every section's numbers."""
+import io
 import json
 import os
 import statistics
@@ -6,8 +7,9 @@ import subprocess
 import sys
 
 import pytest
+from rich.console import Console
 
-from servelab import device, tour
+from servelab import device, load_model, load_tokenizer, tour
 
 
 @pytest.mark.slow
@@ -32,9 +34,12 @@ def test_tour_quick(tmp_path):
 
 
 def test_doctor_runs():
-    res = subprocess.run([sys.executable, "-m", "servelab.cli", "doctor"], capture_output=True, text=True, timeout=120)
+    env = {k: v for k, v in os.environ.items() if k != device.DEVICE_ENV}
+    res = subprocess.run([sys.executable, "-m", "servelab.cli", "doctor"], capture_output=True, text=True, timeout=120,
+                         env=env)
     assert res.returncode == 0, res.stderr
     assert "02_paged_attention" in res.stdout
+    assert "auto (no $SERVELAB_DEVICE)" in res.stdout  # which device the labs will use, and why
     if not (device.LABS_DIR / "02_paged_attention").is_dir():
         assert "not built yet" in res.stdout
 
@@ -43,4 +48,32 @@ def test_cli_reports_bad_model_cleanly():
     res = subprocess.run([sys.executable, "-m", "servelab.cli", "tour", "--model", "/no/such/dir"],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 1
-    assert "not found" in res.stdout
+    assert "not found" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.count("\n") == 1, res.stderr  # one line, however wide the terminal
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {"target": load_model("target"), "draft": load_model("draft"), "tokenizer": load_tokenizer("target")}
+
+
+def render(section, models: dict, **ctx) -> tuple[dict, str]:
+    console = Console(width=80, file=io.StringIO())
+    result = section(models | {"console": console} | ctx)
+    return result, console.file.getvalue()
+
+
+def test_models_table_shows_full_names_at_80_columns(models, monkeypatch):
+    _, text = render(tour.section_models, models)
+    assert "servelab-target" in text and "servelab-draft" in text
+    monkeypatch.setattr(models["target"], "name", "SmolLM2-360M-Instruct")  # a hub checkpoint's, via --model
+    _, text = render(tour.section_models, models)
+    assert "SmolLM2-360M-Instruct" in text
+
+
+def test_generation_shows_every_prompt_it_decodes(models):
+    result, text = render(tour.section_generate, models, new_tokens=4)
+    completions = result["target"]["completions"]
+    assert len(completions) == len(tour.PROMPTS) == text.count("target, greedy")
+    for prompt, completion in zip(tour.PROMPTS, completions):
+        assert prompt.splitlines()[0] in text and completion.strip() in text
