@@ -124,7 +124,7 @@ def main() -> int:
     from servelab.device import describe, get_device
 
     device = str(get_device(args.device).type)
-    results: dict = {"machine": describe(), "device": device}
+    results: dict = {"machine": describe(device), "device": device}
     ok = True
     results["decode"] = decode_tokens_per_s(device)
     rate = results["decode"]["tokens_per_s"]

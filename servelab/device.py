@@ -43,7 +43,7 @@ def get_device(request: str | torch.device | None = None) -> torch.device:
             raise DeviceError(
                 f"device {request!r} was requested but this machine has no CUDA GPU "
                 f"(torch {torch.__version__}, torch.version.cuda={torch.version.cuda}). "
-                f"Use device='cpu' (or 'auto'), or unset {DEVICE_ENV}."
+                f"Use the CPU (--device cpu, device='cpu', or {DEVICE_ENV}=cpu) or 'auto'."
             )
         return _indexed(torch.device(request))
     raise DeviceError(f"unknown device {request!r}: use 'auto', 'cpu' or 'cuda'")
