@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import os
 
 import pytest
@@ -53,3 +54,16 @@ def test_inline_timeout(capsys):
 def test_unknown_name():
     with pytest.raises(KeyError, match="no exercise or criterion named 'nope'"):
         check("nope", namespace={})
+
+
+def test_error_names_the_jupyter_cell_line_not_the_library_it_called(capsys):
+    cell = "/tmp/ipykernel_4242/2718281828.py"  # how ipykernel names a cell's code
+    src = "from grader_stub_lab import Sample\n\ndef mean(xs):\n    return Sample(float('inf')).value\n"
+    linecache.cache[cell] = (len(src), None, src.splitlines(True), cell)
+    namespace = {"__name__": "__main__"}
+    exec(compile(src, cell, "exec"), namespace)  # noqa: S102
+    with pytest.raises(CheckFailed):
+        check("mean_values", namespace=namespace)
+    out = capsys.readouterr().out  # not the dataclass's generated __init__ ("<string>") or __post_init__
+    assert "(raised in mean, your notebook cell line 4: `return Sample(float('inf')).value`)" in out, out
+
