@@ -1,4 +1,4 @@
-"""``python -m grader check PATH`` and ``python -m grader release``."""
+"""``python -m grader check PATH``, ``python -m grader release`` and ``python -m grader list``."""
 
 from __future__ import annotations
 
@@ -7,16 +7,53 @@ import json
 import sys
 from pathlib import Path
 
+EXIT_USAGE = 64  # EX_USAGE (sysexits.h): the command line was wrong; nothing was graded
+EXIT_CODES = f"""\
+exit codes of `check`:
+  0   every criterion passed (a blocked criterion worth 0 points, e.g. an optional comparison, does not
+      count)
+  1   a criterion failed, timed out or errored, or a notebook could not be graded (unreadable, unknown
+      lab, an --only ID the lab does not have)
+  2   nothing failed, but criteria worth points were blocked: this machine lacks their hardware or a
+      performance threshold
+  {EXIT_USAGE}  usage error, nothing graded: a bad option or value, no such notebook or folder, --device
+      cuda without a GPU, a --json path that cannot be written
+`release --check` exits 1 when labs/ or servelab/reference/ is out of date."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error, which is also `check`'s "blocked" code: use EX_USAGE instead."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m grader", description="servelab's notebook grader")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(
+        prog="python -m grader",
+        description="servelab's notebook grader",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)  # subcommand parsers are _Parser too
 
-    chk = sub.add_parser("check", help="grade a lab notebook, a lab folder, or a folder of lab folders")
+    chk = sub.add_parser(
+        "check",
+        help="grade a lab notebook, a lab folder, or a folder of lab folders",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     chk.add_argument("path", type=Path)
     chk.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
     chk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    chk.add_argument("--only", nargs="+", default=(), metavar="ID", help="run only these criteria")
+    chk.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="ID",
+        help="run only these criteria (and the correctness criteria a speed criterion counts only after)",
+    )
     chk.add_argument(
         "--quick", action="store_true", default=None, help="fewer hidden cases (also $SERVELAB_QUICK=1)"
     )
@@ -56,16 +93,23 @@ def main(argv: list[str] | None = None) -> int:
 def check(args) -> int:
     from grader import report
     from grader.runner import Options, grade
+    from grader.spec import UsageError
 
-    opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale)
-    reports = grade(args.path, opts)
+    to_stdout = args.json is not None and str(args.json) == "-"
+    to_file = args.json is not None and not to_stdout
+    try:
+        opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale)
+        reports = grade(args.path, opts)
+    except UsageError as err:
+        print(f"python -m grader check: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     doc = report.combined(reports)
-    if args.json and str(args.json) == "-":
+    if to_stdout:
         print(json.dumps(doc, indent=2))
     else:
         for rep in reports:
             report.print_report(rep)
-        if args.json:
+        if to_file:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
     return report.exit_code(reports)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from grader import labs, notebook, report
 from grader.environment import Hardware, blocked_reason, probe
-from grader.spec import GRADER_DIR, Criterion, Lab, Result, gate_failure, quick_mode
+from grader.spec import GRADER_DIR, Criterion, Lab, Result, UsageError, gate_failure, quick_mode
 from grader.thresholds import threshold
 
 
@@ -33,12 +33,12 @@ def find_notebooks(path: Path) -> list[Path]:
     if path.is_file() or path.suffix == ".ipynb":
         return [path]
     if not path.is_dir():
-        raise SystemExit(f"{path}: no such notebook or folder")
+        raise UsageError(f"{path}: no such notebook or folder")
     found = sorted(p for p in path.glob("*.ipynb"))
     if not found:
         found = sorted(p for p in path.glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
     if not found:
-        raise SystemExit(f"{path}: no .ipynb notebooks here or in its subfolders")
+        raise UsageError(f"{path}: no .ipynb notebooks here or in its subfolders")
     return found
 
 

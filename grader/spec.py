@@ -62,6 +62,11 @@ class Blocked(Exception):
     time: reported as `blocked` with this message (say what is missing and how to get it), not scored."""
 
 
+class UsageError(ValueError):
+    """The grader cannot run as asked (no such notebook, --device cuda without a GPU, an unwritable --json
+    path): nothing is graded. The CLI prints the message and exits with its usage code (64)."""
+
+
 class Learner:
     """The learner's definitions as criteria see them: a notebook's globals or the grader's extraction."""
 

@@ -65,6 +65,16 @@ def mean_on_gpu(learner: Learner, ctx: Context) -> Outcome:
     return Outcome(True, "ran on a GPU")
 
 
+@LAB.criterion("mean_side_by_side", "gpu", 0, exercise="mean")
+def mean_side_by_side(learner: Learner, ctx: Context) -> Outcome:
+    """Optional, worth no points: a comparison that needs a GPU, like lab 01's vLLM side by side, whose
+    first paragraph runs over two lines.
+
+    A second paragraph: details `grader list` leaves out.
+    """
+    return Outcome(True, "compared on a GPU")
+
+
 @LAB.criterion("mean_speed", "performance", 1, exercise="mean")
 def mean_speed(learner: Learner, ctx: Context) -> Outcome:
     """A performance criterion: counts only when the correctness criteria passed."""

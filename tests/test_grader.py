@@ -41,6 +41,7 @@ def test_good_notebook_passes_and_blocks_what_needs_hardware(make_notebook):
         "mean_values": "passed",
         "spin_stops": "passed",
         "mean_on_gpu": "blocked",
+        "mean_side_by_side": "blocked",
         "mean_speed": "blocked",
     }
     assert "CUDA GPU" in message(rep, "mean_on_gpu") and "thresholds.py" in message(rep, "mean_speed")

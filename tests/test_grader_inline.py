@@ -23,6 +23,7 @@ def test_passing_check_prints_and_returns_results(capsys):
     assert {r.id: r.status for r in results} == {
         "mean_values": "passed",
         "mean_on_gpu": "passed" if on_gpu else "blocked",
+        "mean_side_by_side": "passed" if on_gpu else "blocked",
         "mean_speed": "blocked",  # no threshold for the stub lab on any device class
     }
     out = capsys.readouterr().out
