@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 from pathlib import Path
 
 EXIT_USAGE = 64  # EX_USAGE (sysexits.h): the command line was wrong; nothing was graded
@@ -81,13 +83,21 @@ def main(argv: list[str] | None = None) -> int:
             print("run `python -m grader release` and commit the result", file=sys.stderr)
             return 1
         return 0
+    list_labs()
+    return 0
+
+
+def list_labs() -> None:
+    """Each lab, then each criterion on one line with its description wrapped beneath it."""
     from grader.labs import all_labs
 
+    width = min(100, shutil.get_terminal_size((100, 24)).columns)
     for lab in all_labs().values():
         print(f"{lab.id}  {lab.title}  ({lab.notebook}; graded: {', '.join(lab.functions)})")
         for c in lab.ordered():
-            print(f"  {c.id:<24} {c.kind:<12} {c.points:>2} pts  {c.description}")
-    return 0
+            print(f"  {c.id:<24} {c.kind:<12} {c.points:>2} pts")
+            if c.description:
+                print(textwrap.fill(c.description, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
 
 
 def check(args) -> int:
@@ -98,6 +108,8 @@ def check(args) -> int:
     to_stdout = args.json is not None and str(args.json) == "-"
     to_file = args.json is not None and not to_stdout
     try:
+        if to_file:
+            ensure_writable(args.json)  # before grading, not after minutes of it
         opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale)
         reports = grade(args.path, opts)
     except UsageError as err:
@@ -110,6 +122,29 @@ def check(args) -> int:
         for rep in reports:
             report.print_report(rep)
         if to_file:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            try:
+                args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            except OSError as err:
+                print(f"python -m grader check: error: --json {args.json}: {err}", file=sys.stderr)
+                return EXIT_USAGE
     return report.exit_code(reports)
+
+
+def ensure_writable(path: Path) -> None:
+    """Create ``path``'s missing parent folders and make sure a file can be written there, or raise a
+    UsageError that says why not. Leaves no file behind."""
+    from grader.spec import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"--json {path} is a folder; name a file, e.g. --json {path / 'report.json'}")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as err:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
+        raise UsageError(f"--json {path}: cannot write the report there ({why}); choose another path") from None

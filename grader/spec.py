@@ -149,13 +149,19 @@ class Criterion:
     points: int
     run: CriterionFn
     exercise: str  # the graded function it checks; `check("<exercise>")` runs all criteria of it
-    description: str = ""
+    description: str = ""  # the first paragraph of the criterion function's docstring, on one line
     timeout_s: float = 120.0
     gate: tuple[str, ...] | None = None  # performance: criteria that must pass first (default: GATING_KINDS)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"criterion {self.id!r}: kind {self.kind!r} is not one of {KINDS}")
+
+
+def _first_paragraph(fn: Callable) -> str:
+    """A docstring's first paragraph as one line (`grader list` wraps it to the terminal)."""
+    doc = inspect.cleandoc(fn.__doc__ or "")
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 @dataclass
@@ -187,10 +193,7 @@ class Lab:
                 raise ValueError(
                     f"lab {self.id}: criterion {id!r} checks {ex!r}, not one of {self.functions}"
                 )
-            doc = (fn.__doc__ or "").strip().splitlines()
-            self.criteria.append(
-                Criterion(id, kind, points, fn, ex, doc[0] if doc else "", timeout_s, gate)
-            )
+            self.criteria.append(Criterion(id, kind, points, fn, ex, _first_paragraph(fn), timeout_s, gate))
             return fn
 
         return register

@@ -1,4 +1,5 @@
-"""`python -m grader` as a user runs it: exit codes (a usage error has its own)."""
+"""`python -m grader` as a user runs it: exit codes (a usage error has its own), a --json path checked
+before grading, and `list` printing whole descriptions."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -75,3 +77,36 @@ def test_help_lists_every_exit_code():
         assert codes == ["0", "1", "2", "64"], res.stdout
     readme = (ROOT / "grader" / "README.md").read_text(encoding="utf-8")
     assert all(f"`{c}`" in readme for c in ("0", "1", "2", "64")), "grader/README.md must document them"
+
+
+@pytest.mark.parametrize("where", ["under_a_file", "a_folder"])
+def test_unwritable_json_path_fails_at_once_with_one_line(make_notebook, tmp_path, where):
+    nb = make_notebook(GOOD)
+    (tmp_path / "plain.txt").write_text("not a folder")
+    out = tmp_path / "plain.txt" / "r.json" if where == "under_a_file" else tmp_path
+    t0 = time.monotonic()
+    res = run_cli("check", str(nb), "--device", "cpu", "--json", str(out))
+    assert res.returncode == EXIT_USAGE, res.stdout + res.stderr
+    assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1, res.stderr
+    assert f"--json {out}" in res.stderr
+    assert "plain.txt is a file" in res.stderr if where == "under_a_file" else "is a folder" in res.stderr
+    assert "mean_values" not in res.stdout and time.monotonic() - t0 < 60  # checked before grading
+
+
+def test_json_path_parents_are_created(make_notebook, tmp_path):
+    out = tmp_path / "new" / "deeper" / "r.json"
+    res = run_cli("check", str(make_notebook(GOOD)), "--device", "cpu", "--only", "mean_values", "--json", str(out))
+    assert res.returncode == 0, res.stderr
+    assert json.loads(out.read_text())["totals"]["passed"] == 1
+
+
+def test_list_prints_each_description_whole_and_wrapped():
+    res = run_cli("list")
+    assert res.returncode == 0, res.stderr
+    assert all(len(line) <= 100 for line in res.stdout.splitlines() if line.startswith("      "))
+    flat = " ".join(res.stdout.split())
+    for lab in labs.all_labs().values():
+        for c in lab.criteria:
+            assert c.description and f"{c.points:>2} pts {c.description}" in flat, c.id
+    assert "whose first paragraph runs over two lines." in flat  # the stub's two-line first paragraph
+    assert "A second paragraph" not in flat
