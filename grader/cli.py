@@ -57,6 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         help="run only these criteria (and the correctness criteria a speed criterion counts only after)",
     )
     chk.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="with --only: re-run the correctness criteria it brings along even if this same graded code "
+        "passed them before ($SERVELAB_GRADER_CACHE, default ~/.cache/servelab-grader)",
+    )
+    chk.add_argument(
         "--quick", action="store_true", default=None, help="fewer hidden cases (also $SERVELAB_QUICK=1)"
     )
     chk.add_argument("--seed", type=int, help="replay the hidden cases of an earlier report")
@@ -110,7 +117,7 @@ def check(args) -> int:
     try:
         if to_file:
             ensure_writable(args.json)  # before grading, not after minutes of it
-        opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale)
+        opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale, args.cache)
         reports = grade(args.path, opts)
     except UsageError as err:
         print(f"python -m grader check: error: {err}", file=sys.stderr)

@@ -21,6 +21,11 @@ GOOD_MEAN = (
 GOOD_SPIN = "def spin(n: int) -> int:\n    return n"
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVELAB_GRADER_CACHE", str(tmp_path / "cache"))  # not ~/.cache: tests stay apart
+
+
 def grade(path, **kw) -> dict:
     return grade_notebook(path, Options(device="cpu", **kw), probe("cpu"))
 
