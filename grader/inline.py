@@ -46,7 +46,9 @@ class _TimeLimit(BaseException):  # BaseException: run_criterion must not turn i
 def check(
     name: str, lab: str | None = None, namespace: dict | None = None, seed: int | None = None
 ) -> CheckResults:
-    """Run the criteria of exercise (or criterion id) ``name`` on the caller's definitions and print them."""
+    """Run the criteria of exercise (or criterion id) ``name`` on the caller's definitions and print one
+    line each. Returns their Results as ``CheckResults`` (a list; its repr is one line); raises
+    ``CheckFailed`` when one did not pass."""
     __tracebackhide__ = True  # IPython: show the failure, not the grader's frames
     ns = namespace if namespace is not None else sys._getframe(1).f_globals
     the_lab, crits = find(name, lab)
