@@ -1,22 +1,68 @@
-"""``python -m grader check PATH`` and ``python -m grader release``."""
+"""``python -m grader check PATH``, ``python -m grader release`` and ``python -m grader list``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
+import textwrap
 from pathlib import Path
+
+EXIT_USAGE = 64  # EX_USAGE (sysexits.h): the command line was wrong; nothing was graded
+EXIT_CODES = f"""\
+exit codes of `check`:
+  0   every criterion passed (a blocked criterion worth 0 points, e.g. an optional comparison, does not
+      count)
+  1   a criterion failed, timed out or errored, or a notebook could not be graded (unreadable, unknown
+      lab, an --only ID the lab does not have)
+  2   nothing failed, but criteria worth points were blocked: this machine lacks their hardware or a
+      performance threshold
+  {EXIT_USAGE}  usage error, nothing graded: a bad option or value, no such notebook or folder, --device
+      cuda without a GPU, a --json path that cannot be written
+`release --check` exits 1 when labs/ or servelab/reference/ is out of date."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse exits 2 on a usage error, which is also `check`'s "blocked" code: use EX_USAGE instead."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m grader", description="servelab's notebook grader")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+    ap = _Parser(
+        prog="python -m grader",
+        description="servelab's notebook grader",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sub = ap.add_subparsers(dest="cmd", required=True)  # subcommand parsers are _Parser too
 
-    chk = sub.add_parser("check", help="grade a lab notebook, a lab folder, or a folder of lab folders")
+    chk = sub.add_parser(
+        "check",
+        help="grade a lab notebook, a lab folder, or a folder of lab folders",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     chk.add_argument("path", type=Path)
     chk.add_argument("--json", type=Path, metavar="OUT", help="write the JSON report here ('-' for stdout)")
     chk.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    chk.add_argument("--only", nargs="+", default=(), metavar="ID", help="run only these criteria")
+    chk.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="ID",
+        help="run only these criteria (and the correctness criteria a speed criterion counts only after)",
+    )
+    chk.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="with --only: re-run the correctness criteria it brings along even if this same graded code "
+        "passed them before ($SERVELAB_GRADER_CACHE, default ~/.cache/servelab-grader)",
+    )
     chk.add_argument(
         "--quick", action="store_true", default=None, help="fewer hidden cases (also $SERVELAB_QUICK=1)"
     )
@@ -44,28 +90,68 @@ def main(argv: list[str] | None = None) -> int:
             print("run `python -m grader release` and commit the result", file=sys.stderr)
             return 1
         return 0
+    list_labs()
+    return 0
+
+
+def list_labs() -> None:
+    """Each lab, then each criterion on one line with its description wrapped beneath it."""
     from grader.labs import all_labs
 
+    width = min(100, shutil.get_terminal_size((100, 24)).columns)
     for lab in all_labs().values():
         print(f"{lab.id}  {lab.title}  ({lab.notebook}; graded: {', '.join(lab.functions)})")
         for c in lab.ordered():
-            print(f"  {c.id:<24} {c.kind:<12} {c.points:>2} pts  {c.description}")
-    return 0
+            print(f"  {c.id:<24} {c.kind:<12} {c.points:>2} pts")
+            if c.description:
+                print(textwrap.fill(c.description, width, initial_indent=" " * 6, subsequent_indent=" " * 6))
 
 
 def check(args) -> int:
     from grader import report
     from grader.runner import Options, grade
+    from grader.spec import UsageError
 
-    opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale)
-    reports = grade(args.path, opts)
+    to_stdout = args.json is not None and str(args.json) == "-"
+    to_file = args.json is not None and not to_stdout
+    try:
+        if to_file:
+            ensure_writable(args.json)  # before grading, not after minutes of it
+        opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale, args.cache)
+        reports = grade(args.path, opts)
+    except UsageError as err:
+        print(f"python -m grader check: error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     doc = report.combined(reports)
-    if args.json and str(args.json) == "-":
+    if to_stdout:
         print(json.dumps(doc, indent=2))
     else:
         for rep in reports:
             report.print_report(rep)
-        if args.json:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+        if to_file:
+            try:
+                args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
+            except OSError as err:
+                print(f"python -m grader check: error: --json {args.json}: {err}", file=sys.stderr)
+                return EXIT_USAGE
     return report.exit_code(reports)
+
+
+def ensure_writable(path: Path) -> None:
+    """Create ``path``'s missing parent folders and make sure a file can be written there, or raise a
+    UsageError that says why not. Leaves no file behind."""
+    from grader.spec import UsageError
+
+    if path.is_dir():
+        raise UsageError(f"--json {path} is a folder; name a file, e.g. --json {path / 'report.json'}")
+    existed = path.exists()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8"):
+            pass
+        if not existed:
+            path.unlink()
+    except OSError as err:
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
+        raise UsageError(f"--json {path}: cannot write the report there ({why}); choose another path") from None

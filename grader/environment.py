@@ -8,7 +8,7 @@ import sys
 from dataclasses import asdict, dataclass
 from importlib.metadata import PackageNotFoundError, version
 
-from grader.spec import Criterion, Lab
+from grader.spec import Criterion, Lab, UsageError
 from grader.thresholds import threshold
 
 
@@ -27,7 +27,7 @@ def probe(request: str = "auto") -> Hardware:
 
     cuda = torch.cuda.is_available()
     if request == "cuda" and not cuda:
-        raise SystemExit("--device cuda: this machine has no CUDA GPU (use --device auto or cpu)")
+        raise UsageError("--device cuda: this machine has no CUDA GPU (use --device auto or cpu)")
     device = "cuda" if (request == "cuda" or (request == "auto" and cuda)) else "cpu"
     if device == "cpu":
         # Triton kernels then run in its interpreter; it must be chosen before triton is imported

@@ -12,6 +12,7 @@ import secrets
 import signal
 import sys
 import threading
+from collections import Counter
 from contextlib import contextmanager
 
 from grader import labs
@@ -26,14 +27,28 @@ class CheckFailed(AssertionError):
     """An inline check did not pass; the printed lines above say which input went wrong."""
 
 
+class CheckResults(list):
+    """What ``check()`` returns: its Results, as a list. Its repr is one line, so a check cell, whose last
+    expression Jupyter echoes, ends with a short summary rather than a dump of every Result."""
+
+    def __repr__(self) -> str:
+        counts = Counter(r.status for r in self)
+        return "CheckResults(" + ", ".join(f"{counts[s]} {s}" for s in MARK if counts[s]) + ")"
+
+    def _repr_pretty_(self, p, cycle: bool) -> None:  # IPython's display of the cell's value
+        p.text(repr(self))
+
+
 class _TimeLimit(BaseException):  # BaseException: run_criterion must not turn it into an ordinary error
     pass
 
 
 def check(
     name: str, lab: str | None = None, namespace: dict | None = None, seed: int | None = None
-) -> list[Result]:
-    """Run the criteria of exercise (or criterion id) ``name`` on the caller's definitions and print them."""
+) -> CheckResults:
+    """Run the criteria of exercise (or criterion id) ``name`` on the caller's definitions and print one
+    line each. Returns their Results as ``CheckResults`` (a list; its repr is one line); raises
+    ``CheckFailed`` when one did not pass."""
     __tracebackhide__ = True  # IPython: show the failure, not the grader's frames
     ns = namespace if namespace is not None else sys._getframe(1).f_globals
     the_lab, crits = find(name, lab)
@@ -63,7 +78,7 @@ def check(
             f"{name}: {len(bad)} of {len(done)} checks did not pass ({', '.join(bad)}); "
             f"see the messages above (seed {ctx.seed})"
         )
-    return list(done.values())
+    return CheckResults(done.values())
 
 
 def find(name: str, lab_id: str | None = None) -> tuple[Lab, list[Criterion]]:

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from grader import labs, notebook, report
+from grader import cache, labs, notebook, report
 from grader.environment import Hardware, blocked_reason, probe
-from grader.spec import GRADER_DIR, Criterion, Lab, Result, gate_failure, quick_mode
+from grader.spec import GRADER_DIR, Criterion, Lab, Result, UsageError, gate_failure, quick_mode
 from grader.thresholds import threshold
 
 
@@ -26,6 +26,7 @@ class Options:
     quick: bool | None = None  # None: $SERVELAB_QUICK
     seed: int | None = None  # None: fresh hidden cases every run
     timeout_scale: float = 1.0
+    cache: bool = True  # reuse passes of the correctness criteria that --only brings along (grader.cache)
 
 
 def find_notebooks(path: Path) -> list[Path]:
@@ -33,12 +34,12 @@ def find_notebooks(path: Path) -> list[Path]:
     if path.is_file() or path.suffix == ".ipynb":
         return [path]
     if not path.is_dir():
-        raise SystemExit(f"{path}: no such notebook or folder")
+        raise UsageError(f"{path}: no such notebook or folder")
     found = sorted(p for p in path.glob("*.ipynb"))
     if not found:
         found = sorted(p for p in path.glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
     if not found:
-        raise SystemExit(f"{path}: no .ipynb notebooks here or in its subfolders")
+        raise UsageError(f"{path}: no .ipynb notebooks here or in its subfolders")
     return found
 
 
@@ -81,19 +82,42 @@ def grade_notebook(path: Path, opts: Options, hw: Hardware) -> dict:
                 error=f"--only: lab {lab.id} has no criteria {unknown}; it has {[c.id for c in crits]}",
             )
         crits = lab.selection(set(opts.only))  # with their gates: speed never counts unchecked
+    gates_only = [c.id for c in crits if c.id not in opts.only] if opts.only else []
+    if gates_only:
+        print(_gates_notice(path, opts, gates_only), file=sys.stderr, flush=True)
     quick = quick_mode() if opts.quick is None else opts.quick
     done: dict[str, Result] = {}
     for crit in crits:
+        key = None
+        if opts.cache and extraction and not load_error and cache.cacheable(crit):
+            key = cache.key(lab.id, crit, extraction.sha256, hw.device_class, quick)
         if load_error:
             res = Result(crit.id, crit.kind, "error", 0, crit.points, load_error)
         elif reason := blocked_reason(lab, crit, hw):
             res = Result(crit.id, crit.kind, "blocked", 0, crit.points, reason)
         elif reason := gate_failure(lab, crit, done):
             res = Result(crit.id, crit.kind, "failed", 0, crit.points, reason)
+        elif key and crit.id in gates_only and (hit := cache.load(key, opts.seed)):
+            res = hit  # only a gate brought along by --only is reused: what was asked for always runs
         else:
             res = run_isolated(lab, crit, extraction, hw, quick, seed, path.parent, opts.timeout_scale)
+            if key:
+                cache.store(key, res)  # written here, in the parent: never by learner code
         done[crit.id] = res
     return report.build(path, lab, list(done.values()), hw, extraction, seed)
+
+
+def _gates_notice(path: Path, opts: Options, gates: list[str]) -> str:
+    asked = ", ".join(opts.only)
+    how = (
+        "a pass cached for this same graded code is reused (--no-cache re-runs them)"
+        if opts.cache
+        else "--no-cache: each of them runs again"
+    )
+    return (
+        f"{path.name}: --only {asked} also runs {', '.join(gates)} first: a speed result counts only once "
+        f"the correctness criteria it waits for pass; {how}"
+    )
 
 
 def run_isolated(
@@ -123,6 +147,7 @@ def run_isolated(
         os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
     ]
     env = dict(os.environ, SERVELAB_DEVICE=hw.device, PYTHONPATH=os.pathsep.join(paths))
+    env.pop(cache.CACHE_ENV, None)  # learner code has no business with the results cache
     timeout = crit.timeout_s * timeout_scale
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="grader-") as tmp:

@@ -6,13 +6,15 @@ The CLI grader (in a subprocess per criterion) and the notebook's inline ``check
 
 from __future__ import annotations
 
+import inspect
 import os
 import random
 import sys
+import sysconfig
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -58,6 +60,11 @@ class GradingError(Exception):
 class Blocked(Exception):
     """Raise from a criterion when this machine lacks what it needs (a package, a GPU), found out only at run
     time: reported as `blocked` with this message (say what is missing and how to get it), not scored."""
+
+
+class UsageError(ValueError):
+    """The grader cannot run as asked (no such notebook, --device cuda without a GPU, an unwritable --json
+    path): nothing is graded. The CLI prints the message and exits with its usage code (64)."""
 
 
 class Learner:
@@ -142,13 +149,19 @@ class Criterion:
     points: int
     run: CriterionFn
     exercise: str  # the graded function it checks; `check("<exercise>")` runs all criteria of it
-    description: str = ""
+    description: str = ""  # the first paragraph of the criterion function's docstring, on one line
     timeout_s: float = 120.0
     gate: tuple[str, ...] | None = None  # performance: criteria that must pass first (default: GATING_KINDS)
 
     def __post_init__(self):
         if self.kind not in KINDS:
             raise ValueError(f"criterion {self.id!r}: kind {self.kind!r} is not one of {KINDS}")
+
+
+def _first_paragraph(fn: Callable) -> str:
+    """A docstring's first paragraph as one line (`grader list` wraps it to the terminal)."""
+    doc = inspect.cleandoc(fn.__doc__ or "")
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 @dataclass
@@ -180,10 +193,7 @@ class Lab:
                 raise ValueError(
                     f"lab {self.id}: criterion {id!r} checks {ex!r}, not one of {self.functions}"
                 )
-            doc = (fn.__doc__ or "").strip().splitlines()
-            self.criteria.append(
-                Criterion(id, kind, points, fn, ex, doc[0] if doc else "", timeout_s, gate)
-            )
+            self.criteria.append(Criterion(id, kind, points, fn, ex, _first_paragraph(fn), timeout_s, gate))
             return fn
 
         return register
@@ -260,10 +270,10 @@ def run_criterion(crit: Criterion, learner: Learner, ctx: Context) -> Result:
     except NotImplementedError as err:
         status, message = (
             "failed",
-            f"`{crit.exercise}` is not implemented yet: {err}" + _where(err, code=False),
+            f"`{crit.exercise}` is not implemented yet: {err}" + _where(err, crit, code=False),
         )
     except Exception as err:  # noqa: BLE001 - anything the learner's code raises is reported, not fatal
-        status, message = "error", f"{type(err).__name__}: {err}" + _where(err)
+        status, message = "error", f"{type(err).__name__}: {err}" + _where(err, crit)
     metrics.setdefault("seed", ctx.seed)
     return Result(
         crit.id,
@@ -293,13 +303,75 @@ def _one_cpu_thread(device: str):
         torch.set_num_threads(threads)
 
 
-def _where(err: BaseException, code: bool = True) -> str:
-    """' (raised in fn, <notebook cell N> line M: `code`)' for the innermost frame of the learner's code."""
-    library = (str(GRADER_DIR), str(GRADER_DIR.parent / "servelab"), "site-packages", "/lib/python")
-    frames = [f for f in traceback.extract_tb(err.__traceback__) if not any(s in f.filename for s in library)]
-    if not frames:
+def _where(err: BaseException, crit: Criterion | None = None, code: bool = True) -> str:
+    """Where the learner's code raised: ' (raised in fn, notebook cell N line M: `code`)' for the innermost
+    frame that is the learner's. When no frame is (the error came from library code handed bad input, e.g. a
+    servelab dataclass rejecting what the learner's function returned), name the library frame and the
+    exercise being graded instead."""
+    frames = traceback.extract_tb(err.__traceback__)
+    library = _library_paths(crit)
+    mine = [f for f in frames if _is_learners(f.filename, library)]
+    if mine:
+        f = mine[-1]
+        line = f": `{f.line.strip()}`" if f.line and code else ""
+        return f" (raised in {f.name}, {_cell_label(f.filename)} line {f.lineno}{line})"
+    if crit is None:
         return ""
-    f = frames[-1]
-    line = f": `{f.line.strip()}`" if f.line and code else ""
-    where = "its notebook cell" if "ipykernel" in f.filename else f.filename  # inline check: a Jupyter cell
-    return f" (raised in {f.name}, {where} line {f.lineno}{line})"
+    real = [f for f in frames if not f.filename.startswith("<")]  # generated code has no file to point at
+    origin = f"in {_library_name(real[-1].filename)} line {real[-1].lineno} ({real[-1].name}), " if real else ""
+    return (
+        f" (raised {origin}not in your code, while grading `{crit.exercise}`: check what it returned "
+        "or passed to the library)"
+    )
+
+
+def _library_paths(crit: Criterion | None) -> tuple[str, ...]:
+    """Folders and files whose frames are not the learner's: the grader, servelab, Python and its packages,
+    and the module that defines the criterion (a lab outside grader/, e.g. the tests' stub lab)."""
+    paths = [str(GRADER_DIR), str(GRADER_DIR.parent / "servelab")]
+    servelab = sys.modules.get("servelab")
+    if getattr(servelab, "__file__", None):
+        paths.append(os.path.dirname(servelab.__file__))
+    paths += [sysconfig.get_path(k) for k in ("stdlib", "platstdlib", "purelib", "platlib")]
+    if crit is not None:
+        with suppress(TypeError, OSError):
+            paths.append(inspect.getsourcefile(crit.run) or "")
+    return tuple(p for p in paths if p)
+
+
+def _is_learners(filename: str, library: tuple[str, ...]) -> bool:
+    """A notebook cell (the grader's `<notebook cell N>`, IPython's cells) or a file of the learner's own;
+    not generated code (`<string>`, e.g. a dataclass's __init__), not the grader, servelab or Python."""
+    if filename.startswith("<"):
+        return filename.startswith(("<notebook cell ", "<ipython-input-"))
+    if "site-packages" in filename or "dist-packages" in filename:
+        return False
+    return not any(filename == p or filename.startswith(p.rstrip(os.sep) + os.sep) for p in library)
+
+
+def _cell_label(filename: str) -> str:
+    """'notebook cell 20' (the grader's extraction), 'notebook cell In[7]' (a Jupyter cell, as IPython names
+    it in tracebacks), else the learner's file."""
+    if filename.startswith("<notebook cell "):
+        return filename.strip("<>")
+    ipython = sys.modules.get("IPython")
+    shell = ipython.get_ipython() if ipython is not None else None
+    if shell is not None:
+        with suppress(Exception):  # an IPython without format_code_name: fall back to the generic label
+            named = shell.compile.format_code_name(filename)
+            if named:
+                return f"notebook cell {named[1]}"
+    if "ipykernel" in filename or filename.startswith("<ipython-input-"):
+        return "your notebook cell"
+    return os.path.relpath(filename) if os.path.isabs(filename) else filename
+
+
+def _library_name(filename: str) -> str:
+    """servelab/metrics.py, torch/nn/functional.py: a library file without its install path."""
+    parts = filename.replace(os.sep, "/").split("/")
+    for i in range(len(parts) - 2, -1, -1):  # the innermost package folder names it
+        if parts[i] in ("site-packages", "dist-packages"):
+            return "/".join(parts[i + 1 :])
+        if parts[i] in ("servelab", "grader"):
+            return "/".join(parts[i:])
+    return parts[-1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 
 from grader.spec import Context, Fail, Lab, Learner, Outcome
 
@@ -21,6 +22,18 @@ LAB = Lab(
 )
 
 
+@dataclass
+class Sample:
+    """A library dataclass that validates its input (like servelab's RequestTimeline): its ``__init__`` is
+    generated code (filename ``<string>``) that calls ``__post_init__``."""
+
+    value: float
+
+    def __post_init__(self) -> None:
+        if math.isinf(self.value):
+            raise ValueError(f"a sample must be finite, got {self.value}")
+
+
 @LAB.criterion("mean_values", "correctness", 3, exercise="mean")
 def mean_values(learner: Learner, ctx: Context) -> Outcome:
     """mean() of fresh random lists."""
@@ -30,6 +43,7 @@ def mean_values(learner: Learner, ctx: Context) -> Outcome:
         got = fn(list(xs))
         if not isinstance(got, (int, float)):
             raise Fail(f"list {k}: mean returned {type(got).__name__}; expected float")
+        Sample(got)  # an infinite mean is rejected by "library code", not by the learner's
         if math.isnan(got):
             raise Fail(f"list {k} ({len(xs)} values): mean returned NaN")
         if abs(got - sum(xs) / len(xs)) > 1e-9:
@@ -49,6 +63,16 @@ def spin_stops(learner: Learner, ctx: Context) -> Outcome:
 def mean_on_gpu(learner: Learner, ctx: Context) -> Outcome:
     """Needs a GPU (blocked on CPU)."""
     return Outcome(True, "ran on a GPU")
+
+
+@LAB.criterion("mean_side_by_side", "gpu", 0, exercise="mean")
+def mean_side_by_side(learner: Learner, ctx: Context) -> Outcome:
+    """Optional, worth no points: a comparison that needs a GPU, like lab 01's vLLM side by side, whose
+    first paragraph runs over two lines.
+
+    A second paragraph: details `grader list` leaves out.
+    """
+    return Outcome(True, "compared on a GPU")
 
 
 @LAB.criterion("mean_speed", "performance", 1, exercise="mean")

@@ -21,6 +21,11 @@ GOOD_MEAN = (
 GOOD_SPIN = "def spin(n: int) -> int:\n    return n"
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("SERVELAB_GRADER_CACHE", str(tmp_path / "cache"))  # not ~/.cache: tests stay apart
+
+
 def grade(path, **kw) -> dict:
     return grade_notebook(path, Options(device="cpu", **kw), probe("cpu"))
 
@@ -41,6 +46,7 @@ def test_good_notebook_passes_and_blocks_what_needs_hardware(make_notebook):
         "mean_values": "passed",
         "spin_stops": "passed",
         "mean_on_gpu": "blocked",
+        "mean_side_by_side": "blocked",
         "mean_speed": "blocked",
     }
     assert "CUDA GPU" in message(rep, "mean_on_gpu") and "thresholds.py" in message(rep, "mean_speed")
@@ -86,6 +92,17 @@ def test_performance_counts_only_after_correctness(make_notebook, monkeypatch):
             "error",
             ["ZeroDivisionError", "notebook cell 0", "line 2"],
         ),
+        (  # a library's generated __init__ ("<string>") is not the learner's code: the learner's call is
+            "from grader_stub_lab import Sample\n\ndef mean(xs):\n    return Sample(float('inf')).value",
+            "error",
+            ["ValueError", "raised in mean, notebook cell 0 line 4: `return Sample(float('inf')).value`"],
+        ),
+        (  # no frame of the learner's: the library rejected what mean returned; say which exercise
+            "def mean(xs):\n    return float('inf')",
+            "error",
+            ["must be finite", "grader_stub_lab.py line", "(__post_init__), not in your code",
+             "while grading `mean`"],
+        ),
         (
             "def mean(xs):\n    raise NotImplementedError('average the values')",
             "failed",
@@ -106,6 +123,17 @@ def test_broken_learner_code_is_reported_per_criterion(make_notebook, mean_src, 
     assert got["spin_stops"] == "passed"  # the other exercise is graded as usual
     for w in words:
         assert w in message(rep, "mean_values")
+
+
+def test_error_names_the_learners_innermost_function_and_its_cell(make_notebook):
+    helper = "def _total(xs):\n    return sum(xs) / 0"
+    mean = "def mean(xs):\n    return _total(xs) / len(xs)"
+    rep = grade(
+        make_notebook([("print('hi')", []), (helper, ["graded"]), (mean, ["graded"]), (GOOD_SPIN, ["graded"])])
+    )
+    assert message(rep, "mean_values").endswith(
+        "(raised in _total, notebook cell 1 line 2: `return sum(xs) / 0`)"
+    ), message(rep, "mean_values")
 
 
 def test_failed_import_is_listed_when_function_missing(make_notebook):

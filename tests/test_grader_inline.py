@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import linecache
 import os
 
 import pytest
@@ -22,6 +23,7 @@ def test_passing_check_prints_and_returns_results(capsys):
     assert {r.id: r.status for r in results} == {
         "mean_values": "passed",
         "mean_on_gpu": "passed" if on_gpu else "blocked",
+        "mean_side_by_side": "passed" if on_gpu else "blocked",
         "mean_speed": "blocked",  # no threshold for the stub lab on any device class
     }
     out = capsys.readouterr().out
@@ -53,3 +55,46 @@ def test_inline_timeout(capsys):
 def test_unknown_name():
     with pytest.raises(KeyError, match="no exercise or criterion named 'nope'"):
         check("nope", namespace={})
+
+
+def test_check_returns_results_with_a_one_line_repr():
+    results = check("mean", namespace=ns("def mean(xs):\n    return sum(xs) / len(xs)"))
+    assert isinstance(results, list) and results[0].id == "mean_values"  # still the Results, as a list
+    assert repr(results).startswith("CheckResults(1 passed") and "Result(" not in repr(results)
+    from IPython.lib.pretty import pretty
+
+    assert pretty(results) == repr(results)  # what Jupyter echoes after the check cell's printed lines
+
+
+def test_error_names_the_jupyter_cell_line_not_the_library_it_called(capsys):
+    cell = "/tmp/ipykernel_4242/2718281828.py"  # how ipykernel names a cell's code
+    src = "from grader_stub_lab import Sample\n\ndef mean(xs):\n    return Sample(float('inf')).value\n"
+    linecache.cache[cell] = (len(src), None, src.splitlines(True), cell)
+    namespace = {"__name__": "__main__"}
+    exec(compile(src, cell, "exec"), namespace)  # noqa: S102
+    with pytest.raises(CheckFailed):
+        check("mean_values", namespace=namespace)
+    out = capsys.readouterr().out  # not the dataclass's generated __init__ ("<string>") or __post_init__
+    assert "(raised in mean, your notebook cell line 4: `return Sample(float('inf')).value`)" in out, out
+
+
+@pytest.mark.slow
+def test_check_cell_in_a_real_kernel_names_the_cell_and_echoes_one_line(tmp_path):
+    """Through Jupyter: the error names the cell as Jupyter does (In[2]); the check cell's value is short."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    nb = nbformat.v4.new_notebook()
+    for src in (
+        "from grader.inline import check",
+        "def mean(xs):\n    return sum(xs) / 0",
+        "check('mean_values')",
+        "def mean(xs):\n    return sum(xs) / len(xs)",
+        "check('mean_values')",
+    ):
+        nb.cells.append(nbformat.v4.new_code_cell(src))
+    NotebookClient(nb, timeout=120, allow_errors=True, resources={"metadata": {"path": str(tmp_path)}}).execute()
+    failed = "".join(o.get("text", "") for o in nb.cells[2].outputs if o["output_type"] == "stream")
+    assert "(raised in mean, notebook cell In[2] line 2: `return sum(xs) / 0`)" in failed, failed
+    echoed = [o["data"]["text/plain"] for o in nb.cells[4].outputs if o["output_type"] == "execute_result"]
+    assert echoed == ["CheckResults(1 passed)"]
