@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,8 @@ TESTS = Path(__file__).resolve().parent
 # Set before any test runs so subprocesses (grader workers, notebook kernels) inherit them.
 os.environ.setdefault("SERVELAB_QUICK", "1")  # notebooks and hidden cases at CI size
 os.environ["SERVELAB_GRADER_LABS"] = "grader_stub_lab"  # tests/grader_stub_lab.py: a model-free lab
+# the grader's cache of passed correctness results: one fresh folder per test session, never ~/.cache
+os.environ.setdefault("SERVELAB_GRADER_CACHE", tempfile.mkdtemp(prefix="servelab-grader-cache-"))
 os.environ["PYTHONPATH"] = os.pathsep.join(
     [str(ROOT), str(TESTS)] + [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
 )

@@ -18,7 +18,7 @@ def ns(src: str) -> dict:
 
 
 def test_passing_check_prints_and_returns_results(capsys):
-    results = check("mean", namespace=ns("def mean(xs):\n    return sum(xs) / len(xs)"))
+    results = check("mean", namespace=ns("def mean(xs):\n    return sum(xs) / len(xs)"), speed=True)
     on_gpu = probe(os.environ.get("SERVELAB_DEVICE", "auto")).device == "cuda"  # what check() runs on
     assert {r.id: r.status for r in results} == {
         "mean_values": "passed",
@@ -28,6 +28,18 @@ def test_passing_check_prints_and_returns_results(capsys):
     }
     out = capsys.readouterr().out
     assert "mean_values" in out and "passed" in out and "blocked" in out
+
+
+def test_speed_false_runs_correctness_only_and_says_so(capsys, monkeypatch):
+    good = ns("def mean(xs):\n    return sum(xs) / len(xs)")
+    ids = {r.id for r in check("mean", namespace=good, speed=False)}
+    assert "mean_values" in ids and "mean_speed" not in ids
+    assert "speed=False: speed criteria not run: mean_speed" in capsys.readouterr().out
+    monkeypatch.setenv("SERVELAB_QUICK", "1")  # CI: the grader's own run times the speed criteria
+    assert "mean_speed" not in {r.id for r in check("mean", namespace=good)}
+    assert "quick mode" in capsys.readouterr().out
+    monkeypatch.setenv("SERVELAB_QUICK", "0")
+    assert "mean_speed" in {r.id for r in check("mean", namespace=good)}
 
 
 def test_failing_check_raises_with_the_input_that_went_wrong(capsys):

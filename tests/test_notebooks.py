@@ -66,10 +66,15 @@ def grade(path: Path, tmp_path: Path) -> tuple[int, dict, str]:
 @pytest.mark.parametrize("lab", REAL_LABS, ids=IDS)
 def test_solution_passes_the_grader(lab, tmp_path):
     code, rep, log = grade(ROOT / "solutions" / lab.id, tmp_path)
-    assert code in (0, 2), log
     assert rep["lab"] == lab.id and len(rep["criteria"]) == len(lab.criteria)
-    bad = {c["id"]: c["message"] for c in rep["criteria"] if c["status"] not in ("passed", "blocked")}
+    # a wall-clock ratio may miss narrowly on a busy CI machine: the grader then says "looks like noise",
+    # which it only does when the deterministic figure of that run passes
+    noisy = {c["id"] for c in rep["criteria"] if c["kind"] == "performance" and c["status"] == "failed"
+             and "looks like noise" in c["message"]}
+    bad = {c["id"]: c["message"] for c in rep["criteria"]
+           if c["status"] not in ("passed", "blocked") and c["id"] not in noisy}
     assert not bad, bad
+    assert code == (1 if noisy else 0), log  # optional 0-point criteria blocked here never decide the exit code
 
 
 @pytest.mark.slow
