@@ -109,7 +109,9 @@ def list_labs() -> None:
 
 def check(args) -> int:
     from grader import report
-    from grader.runner import Options, grade
+    from grader.discovery import discover
+    from grader.environment import probe
+    from grader.runner import Options, grade_notebook
     from grader.spec import UsageError
 
     to_stdout = args.json is not None and str(args.json) == "-"
@@ -118,32 +120,53 @@ def check(args) -> int:
         if to_file:
             ensure_writable(args.json)  # before grading, not after minutes of it
         opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale, args.cache)
-        reports = grade(args.path, opts)
+        hw = probe(opts.device)
+        found = discover(args.path, exclude=[args.json] if to_file else [])
     except UsageError as err:
         print(f"python -m grader check: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    doc = report.combined(reports)
+    for s in found.skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    for sub in found.learners:
+        for problem in sub.problems:
+            print(f"not graded ({sub.learner}): {problem}", file=sys.stderr)
+    per_learner = [(sub, [grade_notebook(f.path, opts, hw) for f in sub.notebooks]) for sub in found.learners]
+    reports = [r for _, reps in per_learner for r in reps]
+    learners = [report.learner_summary(sub.learner, reps, sub.problems) for sub, reps in per_learner]
+    doc = report.combined(reports, learners, [vars(s) for s in found.skipped])
     if to_stdout:
         print(json.dumps(doc, indent=2))
     else:
         for rep in reports:
             report.print_report(rep)
+        if len(learners) > 1:
+            print_learner_totals(learners)
         if to_file:
             try:
                 args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
             except OSError as err:
                 print(f"python -m grader check: error: --json {args.json}: {err}", file=sys.stderr)
                 return EXIT_USAGE
-    return report.exit_code(reports)
+    return report.max_exit_code([report.exit_code(reports)] + [s["exit_code"] for s in learners])
 
 
-def ensure_writable(path: Path) -> None:
+def print_learner_totals(learners: list[dict]) -> None:
+    """Several learners' notebooks: a total per learner, never one sum over all of them."""
+    print(f"\n{len(learners)} learners (no combined total: it would add different learners' points; for a "
+          "gradebook use `python -m grader cohort DIR --out grades.csv`):")
+    for s in learners:
+        labs = ", ".join(f"{lab} {v['points']:g}/{v['max_points_gradable']}" for lab, v in s["labs"].items())
+        extra = f"  not graded: {'; '.join(s['problems'])}" if s["problems"] else ""
+        print(f"  {s['learner']}: {labs or 'no lab graded'}{extra}")
+
+
+def ensure_writable(path: Path, flag: str = "--json") -> None:
     """Create ``path``'s missing parent folders and make sure a file can be written there, or raise a
     UsageError that says why not. Leaves no file behind."""
     from grader.spec import UsageError
 
     if path.is_dir():
-        raise UsageError(f"--json {path} is a folder; name a file, e.g. --json {path / 'report.json'}")
+        raise UsageError(f"{flag} {path} is a folder; name a file, e.g. {flag} {path / 'report.json'}")
     existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,4 +177,4 @@ def ensure_writable(path: Path) -> None:
     except OSError as err:
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
-        raise UsageError(f"--json {path}: cannot write the report there ({why}); choose another path") from None
+        raise UsageError(f"{flag} {path}: cannot write there ({why}); choose another path") from None
