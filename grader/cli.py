@@ -1,4 +1,5 @@
-"""``python -m grader check PATH``, ``python -m grader release`` and ``python -m grader list``."""
+"""``python -m grader check PATH``, ``python -m grader cohort DIR``, ``python -m grader release`` and
+``python -m grader list``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ exit codes of `check`:
       performance threshold
   {EXIT_USAGE}  usage error, nothing graded: a bad option or value, no such notebook or folder, --device
       cuda without a GPU, a --json path that cannot be written
+`cohort` exits the same way over all its learners (1 also when a learner's lab is missing or could not be
+graded), and 130 when interrupted (Ctrl-C; rerun the same command to resume).
 `release --check` exits 1 when labs/ or servelab/reference/ is out of date."""
 
 
@@ -69,6 +72,34 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--seed", type=int, help="replay the hidden cases of an earlier report")
     chk.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every criterion's time limit")
 
+    coh = sub.add_parser(
+        "cohort",
+        help="grade a folder of learners' submissions: one CSV row per learner",
+        description="Grade every learner under DIR: a folder per learner (lab folders or notebooks inside), "
+        "or one notebook per learner (learner id = file name). Every entry not graded is listed with the "
+        "reason. Rows are saved as each learner finishes; a rerun with the same --out resumes. See "
+        "grader/INSTRUCTORS.md.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    coh.add_argument("dir", type=Path, metavar="DIR")
+    coh.add_argument("--out", type=Path, required=True, metavar="CSV", help="the gradebook, one row per learner "
+                     "(a summary, with what was skipped, goes next to it: <name>.summary.json)")
+    coh.add_argument("--jobs", type=int, default=1, metavar="N", help="grade N learners at once (default 1)")
+    coh.add_argument("--json-dir", type=Path, metavar="D", help="write each learner's JSON report here")
+    coh.add_argument("--gradescope", type=Path, metavar="F",
+                     help="write Gradescope's results.json for the one learner under DIR")
+    coh.add_argument("--fresh", action="store_true", help="regrade every learner, even those already graded")
+    coh.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    coh.add_argument("--only", nargs="+", default=(), metavar="ID",
+                     help="grade only these criteria (and the correctness criteria speed counts after); labs "
+                     "without any of them are left out")
+    coh.add_argument("--no-cache", dest="cache", action="store_false",
+                     help="with --only: re-run the correctness criteria it brings along")
+    coh.add_argument("--quick", action="store_true", default=None, help="fewer hidden cases (also $SERVELAB_QUICK=1)")
+    coh.add_argument("--seed", type=int, help="the same hidden cases for every learner")
+    coh.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every criterion's time limit")
+
     rel = sub.add_parser("release", help="generate labs/ and servelab/reference/ from solutions/")
     rel.add_argument(
         "--check", action="store_true", help="only report what is out of date (exit 1 if anything)"
@@ -80,6 +111,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "check":
         return check(args)
+    if args.cmd == "cohort":
+        from grader.cohort import run
+
+        return run(args)
     if args.cmd == "release":
         from grader.release import ROOT, release
 
