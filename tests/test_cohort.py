@@ -10,8 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +272,35 @@ def test_one_notebook_per_learner_and_ties(tmp_path, make_notebook):
     (ann, ben) = discover(twice).learners
     assert ann.notebooks == [] and "2 notebooks could be lab stub's" in ann.problems[0]  # never a guess
     assert len(ben.notebooks) == 1
+
+
+def test_ctrl_c_saves_the_learners_in_progress_and_a_rerun_grades_the_rest(tmp_path, make_notebook):
+    cohort, marks = tmp_path / "cohort", tmp_path / "marks"
+    marks.mkdir()
+    for name in ("ann", "ben", "cid"):  # spin() never returns: each learner takes spin_stops' 4 s timeout
+        spin = f"def spin(n):\n    open({str(marks / name)!r}, 'w').close()\n    while True:\n        pass"
+        make_notebook([GOOD_MEAN, (spin, ["graded"])], folder=cohort / name)
+    out = tmp_path / "grades.csv"
+    args = [sys.executable, "-m", "grader", "cohort", str(cohort), "--out", str(out), "--jobs", "2"]
+    proc = subprocess.Popen(
+        [*args, "--device", "cpu"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as in a terminal, not ignored
+    )
+    deadline = time.time() + 60
+    while not any(marks.iterdir()) and time.time() < deadline:  # a learner's code is running: Ctrl-C now
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130, stdout + stderr
+    assert "interrupted" in stderr and "Traceback" not in stderr, stderr
+    saved = list(read_csv(out)[1])
+    assert 1 <= len(saved) < 3, saved  # the learners in progress were finished and saved, the rest were not
+    assert not json.loads(out.with_name("grades.summary.json").read_text())["finished"]
+
+    rerun = run_cli("cohort", cohort, "--out", out, "--jobs", "2", "--device", "cpu")
+    assert f"resumed: {len(saved)} learners already graded" in rerun.stdout, rerun.stdout
+    assert list(read_csv(out)[1]) == ["ann", "ben", "cid"]
+    assert {r["stub/spin_stops"] for r in read_csv(out)[1].values()} == {"0"}
