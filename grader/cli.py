@@ -176,6 +176,10 @@ def check(args) -> int:
             report.print_report(rep)
         if len(learners) > 1:
             print_learner_totals(learners)
+        elif len(reports) > 1:  # one learner's labs: their sum is that learner's total
+            one = learners[0]
+            print(f"{one['learner']}: {one['points']:g}/{one['max_points_gradable']} points over "
+                  f"{len(reports)} labs")
         if to_file:
             try:
                 args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
