@@ -75,28 +75,49 @@ def main(argv: list[str] | None = None) -> int:
     coh = sub.add_parser(
         "cohort",
         help="grade a folder of learners' submissions: one CSV row per learner",
-        description="Grade every learner under DIR: a folder per learner (lab folders or notebooks inside), "
-        "or one notebook per learner (learner id = file name). Every entry not graded is listed with the "
-        "reason. Rows are saved as each learner finishes; a rerun with the same --out resumes. See "
-        "grader/INSTRUCTORS.md.",
+        description="Grade every learner under DIR: a folder per learner (lab folders or notebooks inside),\n"
+        "or one notebook per learner (learner id = file name). Every entry not graded is listed with the\n"
+        "reason. Rows are saved as each learner finishes; a rerun with the same --out resumes.\n"
+        "The instructors' guide: grader/INSTRUCTORS.md.",
         epilog=EXIT_CODES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     coh.add_argument("dir", type=Path, metavar="DIR")
-    coh.add_argument("--out", type=Path, required=True, metavar="CSV", help="the gradebook, one row per learner "
-                     "(a summary, with what was skipped, goes next to it: <name>.summary.json)")
+    coh.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help="the gradebook, one row per learner (a summary, with what was skipped, goes next to it: "
+        "<name>.summary.json)",
+    )
     coh.add_argument("--jobs", type=int, default=1, metavar="N", help="grade N learners at once (default 1)")
     coh.add_argument("--json-dir", type=Path, metavar="D", help="write each learner's JSON report here")
-    coh.add_argument("--gradescope", type=Path, metavar="F",
-                     help="write Gradescope's results.json for the one learner under DIR")
+    coh.add_argument(
+        "--gradescope",
+        type=Path,
+        metavar="F",
+        help="write Gradescope's results.json for the one learner in DIR",
+    )
     coh.add_argument("--fresh", action="store_true", help="regrade every learner, even those already graded")
     coh.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    coh.add_argument("--only", nargs="+", default=(), metavar="ID",
-                     help="grade only these criteria (and the correctness criteria speed counts after); labs "
-                     "without any of them are left out")
-    coh.add_argument("--no-cache", dest="cache", action="store_false",
-                     help="with --only: re-run the correctness criteria it brings along")
-    coh.add_argument("--quick", action="store_true", default=None, help="fewer hidden cases (also $SERVELAB_QUICK=1)")
+    coh.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="ID",
+        help="grade only these criteria (and the correctness criteria speed counts after); labs without any "
+        "of them are left out",
+    )
+    coh.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="with --only: re-run the correctness criteria it brings along",
+    )
+    coh.add_argument(
+        "--quick", action="store_true", default=None, help="fewer hidden cases (also $SERVELAB_QUICK=1)"
+    )
     coh.add_argument("--seed", type=int, help="the same hidden cases for every learner")
     coh.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every criterion's time limit")
 
@@ -178,8 +199,8 @@ def check(args) -> int:
             print_learner_totals(learners)
         elif len(reports) > 1:  # one learner's labs: their sum is that learner's total
             one = learners[0]
-            print(f"{one['learner']}: {one['points']:g}/{one['max_points_gradable']} points over "
-                  f"{len(reports)} labs")
+            total = f"{one['points']:g}/{one['max_points_gradable']}"
+            print(f"{one['learner']}: {total} points over {len(reports)} labs")
         if to_file:
             try:
                 args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
@@ -191,8 +212,10 @@ def check(args) -> int:
 
 def print_learner_totals(learners: list[dict]) -> None:
     """Several learners' notebooks: a total per learner, never one sum over all of them."""
-    print(f"\n{len(learners)} learners (no combined total: it would add different learners' points; for a "
-          "gradebook use `python -m grader cohort DIR --out grades.csv`):")
+    print(
+        f"\n{len(learners)} learners (no combined total: it would add different learners' points; for a "
+        "gradebook use `python -m grader cohort DIR --out grades.csv`):"
+    )
     for s in learners:
         labs = ", ".join(f"{lab} {v['points']:g}/{v['max_points_gradable']}" for lab, v in s["labs"].items())
         extra = f"  not graded: {'; '.join(s['problems'])}" if s["problems"] else ""

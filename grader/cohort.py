@@ -129,7 +129,8 @@ def run(args) -> int:
     print(f"wrote {args.out} ({len(store.records)} learners), {summary_path}{where}")
     if interrupted:
         print(
-            f"interrupted: rerun the same command to grade the {len(plans) - len(store.records)} learners left",
+            f"interrupted: rerun the same command to grade the {len(plans) - len(store.records)} learners "
+            "left",
             file=sys.stderr,
         )
         return EXIT_INTERRUPTED
@@ -163,8 +164,8 @@ def plan_layout(found: Discovery, only: tuple[str, ...]) -> tuple[Layout, dict[s
         unknown = [c for c in only if c not in known]
         if unknown:
             raise UsageError(
-                f"--only: no lab of this cohort ({', '.join(present)}) has {unknown}; `python -m grader list` "
-                "shows every lab's criteria"
+                f"--only: no lab of this cohort ({', '.join(present)}) has {unknown}; "
+                "`python -m grader list` shows every lab's criteria"
             )
     criteria = {
         lab.id: [c.id for c in (lab.selection(set(only_by_lab[lab.id])) if only else lab.ordered())]
@@ -208,8 +209,8 @@ def print_plan(root: Path, found: Discovery, n: int) -> None:
     print(f"cohort {root}: {n} learners ({how if found.layout == 'cohort' else found.layout})")
     if kinds["folder"] and kinds["notebook"]:
         print(
-            "  note: learner folders and learner notebooks side by side; each notebook at the root is graded as "
-            "its own learner (named after the file): move a stray one out if it is nobody's"
+            "  note: learner folders and learner notebooks side by side; each notebook at the root is graded "
+            "as its own learner (named after the file): move a stray one out if it is nobody's"
         )
     if found.skipped:
         print(f"skipped {len(found.skipped)} entries:")

@@ -13,8 +13,8 @@ Rules (grader/INSTRUCTORS.md explains them to instructors):
 - If there is at least one learner folder or learner notebook, the folder is a **cohort**: each of them is
   one learner; a lab folder or lab-named notebook at its root belongs to no learner and is skipped (a stray
   copy of the lab); a folder without any notebook is a learner with nothing to grade (said so).
-- Otherwise the folder is **one submission** (e.g. ``labs/``, ``labs/01_batching``, or a learner's own folder);
-  its learner id is the folder's name.
+- Otherwise the folder is **one submission** (e.g. ``labs/``, ``labs/01_batching``, or a learner's own
+  folder); its learner id is the folder's name.
 - Inside a submission, notebooks are looked for up to MAX_DEPTH folders down. Each is matched to a lab by its
   metadata, its folder name or its file name (``grader.labs.for_notebook``); a notebook that names no lab is
   skipped. When a learner has several notebooks of one lab, the best match is graded (metadata, then the
@@ -245,8 +245,8 @@ def _assign(sub: Submission, candidates: list[Path]) -> None:
                 sub.skipped.append(
                     Skipped(
                         str(p),
-                        "not a lab notebook: no servelab.lab metadata, and neither its folder nor its file name "
-                        f"names a lab ({', '.join(labs.all_labs())})",
+                        "not a lab notebook: no servelab.lab metadata, and neither its folder nor its file "
+                        f"name names a lab ({', '.join(labs.all_labs())})",
                     )
                 )
             continue
@@ -260,8 +260,8 @@ def _assign(sub: Submission, candidates: list[Path]) -> None:
             sub.ambiguous.append(lab_id)
             names = ", ".join(show(p) for p in ties)
             sub.problems.append(
-                f"{len(ties)} notebooks could be lab {lab_id}'s: {names}; keep one (or rename the others) and "
-                f"grade again"
+                f"{len(ties)} notebooks could be lab {lab_id}'s: {names}; keep one (or rename the others) "
+                "and grade again"
             )
             for p in ties:
                 sub.skipped.append(

@@ -26,7 +26,8 @@ GOOD_MEAN = ("def mean(xs: list[float]) -> float:\n    return sum(xs) / len(xs)"
 BAD_MEAN = ("def mean(xs):\n    return 0.0", ["graded"])
 SYNTAX_MEAN = ("def mean(xs)\n    return 0.0", ["graded"])
 SPIN = ("def spin(n: int) -> int:\n    return n", ["graded"])
-# the stub lab: mean_values 3 points, spin_stops 1, and three criteria blocked on a CPU (gpu, gpu 0 pts, speed)
+# the stub lab: mean_values 3 points, spin_stops 1, and three criteria blocked on a CPU (gpu, gpu 0 pts,
+# speed)
 CRITERIA = ["mean_values", "spin_stops", "mean_on_gpu", "mean_side_by_side", "mean_speed"]
 
 
