@@ -1,4 +1,5 @@
-"""``python -m grader check PATH``, ``python -m grader release`` and ``python -m grader list``."""
+"""``python -m grader check PATH``, ``python -m grader cohort DIR``, ``python -m grader release`` and
+``python -m grader list``."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ exit codes of `check`:
       performance threshold
   {EXIT_USAGE}  usage error, nothing graded: a bad option or value, no such notebook or folder, --device
       cuda without a GPU, a --json path that cannot be written
+`cohort` exits the same way over all its learners (1 also when a learner's lab is missing or could not be
+graded), and 130 when interrupted (Ctrl-C; rerun the same command to resume).
 `release --check` exits 1 when labs/ or servelab/reference/ is out of date."""
 
 
@@ -69,6 +72,55 @@ def main(argv: list[str] | None = None) -> int:
     chk.add_argument("--seed", type=int, help="replay the hidden cases of an earlier report")
     chk.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every criterion's time limit")
 
+    coh = sub.add_parser(
+        "cohort",
+        help="grade a folder of learners' submissions: one CSV row per learner",
+        description="Grade every learner under DIR: a folder per learner (lab folders or notebooks inside),\n"
+        "or one notebook per learner (learner id = file name). Every entry not graded is listed with the\n"
+        "reason. Rows are saved as each learner finishes; a rerun with the same --out resumes.\n"
+        "The instructors' guide: grader/INSTRUCTORS.md.",
+        epilog=EXIT_CODES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    coh.add_argument("dir", type=Path, metavar="DIR")
+    coh.add_argument(
+        "--out",
+        type=Path,
+        required=True,
+        metavar="CSV",
+        help="the gradebook, one row per learner (a summary, with what was skipped, goes next to it: "
+        "<name>.summary.json)",
+    )
+    coh.add_argument("--jobs", type=int, default=1, metavar="N", help="grade N learners at once (default 1)")
+    coh.add_argument("--json-dir", type=Path, metavar="D", help="write each learner's JSON report here")
+    coh.add_argument(
+        "--gradescope",
+        type=Path,
+        metavar="F",
+        help="write Gradescope's results.json for the one learner in DIR",
+    )
+    coh.add_argument("--fresh", action="store_true", help="regrade every learner, even those already graded")
+    coh.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    coh.add_argument(
+        "--only",
+        nargs="+",
+        default=(),
+        metavar="ID",
+        help="grade only these criteria (and the correctness criteria speed counts after); labs without any "
+        "of them are left out",
+    )
+    coh.add_argument(
+        "--no-cache",
+        dest="cache",
+        action="store_false",
+        help="with --only: re-run the correctness criteria it brings along",
+    )
+    coh.add_argument(
+        "--quick", action="store_true", default=None, help="fewer hidden cases (also $SERVELAB_QUICK=1)"
+    )
+    coh.add_argument("--seed", type=int, help="the same hidden cases for every learner")
+    coh.add_argument("--timeout-scale", type=float, default=1.0, help="multiply every criterion's time limit")
+
     rel = sub.add_parser("release", help="generate labs/ and servelab/reference/ from solutions/")
     rel.add_argument(
         "--check", action="store_true", help="only report what is out of date (exit 1 if anything)"
@@ -80,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.cmd == "check":
         return check(args)
+    if args.cmd == "cohort":
+        from grader.cohort import run
+
+        return run(args)
     if args.cmd == "release":
         from grader.release import ROOT, release
 
@@ -109,7 +165,9 @@ def list_labs() -> None:
 
 def check(args) -> int:
     from grader import report
-    from grader.runner import Options, grade
+    from grader.discovery import discover
+    from grader.environment import probe
+    from grader.runner import Options, grade_notebook
     from grader.spec import UsageError
 
     to_stdout = args.json is not None and str(args.json) == "-"
@@ -118,32 +176,59 @@ def check(args) -> int:
         if to_file:
             ensure_writable(args.json)  # before grading, not after minutes of it
         opts = Options(args.device, tuple(args.only), args.quick, args.seed, args.timeout_scale, args.cache)
-        reports = grade(args.path, opts)
+        hw = probe(opts.device)
+        found = discover(args.path, exclude=[args.json] if to_file else [])
     except UsageError as err:
         print(f"python -m grader check: error: {err}", file=sys.stderr)
         return EXIT_USAGE
-    doc = report.combined(reports)
+    for s in found.skipped:
+        print(f"skipped {s}", file=sys.stderr)
+    for sub in found.learners:
+        for problem in sub.problems:
+            print(f"not graded ({sub.learner}): {problem}", file=sys.stderr)
+    per_learner = [(sub, [grade_notebook(f.path, opts, hw) for f in sub.notebooks]) for sub in found.learners]
+    reports = [r for _, reps in per_learner for r in reps]
+    learners = [report.learner_summary(sub.learner, reps, sub.problems) for sub, reps in per_learner]
+    doc = report.combined(reports, learners, [vars(s) for s in found.skipped])
     if to_stdout:
         print(json.dumps(doc, indent=2))
     else:
         for rep in reports:
             report.print_report(rep)
+        if len(learners) > 1:
+            print_learner_totals(learners)
+        elif len(reports) > 1:  # one learner's labs: their sum is that learner's total
+            one = learners[0]
+            total = f"{one['points']:g}/{one['max_points_gradable']}"
+            print(f"{one['learner']}: {total} points over {len(reports)} labs")
         if to_file:
             try:
                 args.json.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
             except OSError as err:
                 print(f"python -m grader check: error: --json {args.json}: {err}", file=sys.stderr)
                 return EXIT_USAGE
-    return report.exit_code(reports)
+    return report.max_exit_code([report.exit_code(reports)] + [s["exit_code"] for s in learners])
 
 
-def ensure_writable(path: Path) -> None:
+def print_learner_totals(learners: list[dict]) -> None:
+    """Several learners' notebooks: a total per learner, never one sum over all of them."""
+    print(
+        f"\n{len(learners)} learners (no combined total: it would add different learners' points; for a "
+        "gradebook use `python -m grader cohort DIR --out grades.csv`):"
+    )
+    for s in learners:
+        labs = ", ".join(f"{lab} {v['points']:g}/{v['max_points_gradable']}" for lab, v in s["labs"].items())
+        extra = f"  not graded: {'; '.join(s['problems'])}" if s["problems"] else ""
+        print(f"  {s['learner']}: {labs or 'no lab graded'}{extra}")
+
+
+def ensure_writable(path: Path, flag: str = "--json") -> None:
     """Create ``path``'s missing parent folders and make sure a file can be written there, or raise a
     UsageError that says why not. Leaves no file behind."""
     from grader.spec import UsageError
 
     if path.is_dir():
-        raise UsageError(f"--json {path} is a folder; name a file, e.g. --json {path / 'report.json'}")
+        raise UsageError(f"{flag} {path} is a folder; name a file, e.g. {flag} {path / 'report.json'}")
     existed = path.exists()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,4 +239,4 @@ def ensure_writable(path: Path) -> None:
     except OSError as err:
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         why = f"{blocker} is a file, not a folder" if blocker else err.strerror or str(err)
-        raise UsageError(f"--json {path}: cannot write the report there ({why}); choose another path") from None
+        raise UsageError(f"{flag} {path}: cannot write there ({why}); choose another path") from None

@@ -69,23 +69,55 @@ def exit_code_of(results: list[Result], error: str | None = None) -> int:
 
 
 def exit_code(reports: list[dict]) -> int:
-    codes = {r["totals"]["exit_code"] for r in reports}
-    return 1 if 1 in codes else 2 if 2 in codes else 0
+    return max_exit_code([r["totals"]["exit_code"] for r in reports])
 
 
-def combined(reports: list[dict]) -> dict:
-    """One JSON document: the report itself for one notebook, else all of them with overall totals."""
-    if len(reports) == 1:
-        return reports[0]
+def learner_summary(learner: str, reports: list[dict], problems: list[str] = ()) -> dict:
+    """One learner's labs: points per lab and their sum (a sum only ever adds one learner's own labs)."""
     return {
+        "learner": learner,
+        "labs": {
+            r["lab"] or r["notebook"]: {
+                "notebook": r["notebook"],
+                "points": r["totals"]["points"],
+                "max_points_gradable": r["totals"]["max_points_gradable"],
+                "error": r["error"],
+            }
+            for r in reports
+        },
+        "points": sum(r["totals"]["points"] for r in reports),
+        "max_points": sum(r["totals"]["max_points"] for r in reports),
+        "max_points_gradable": sum(r["totals"]["max_points_gradable"] for r in reports),
+        "problems": list(problems),  # what kept a lab of this learner from being graded
+        "exit_code": 1 if problems else exit_code(reports) if reports else 0,
+    }
+
+
+def combined(reports: list[dict], learners: list[dict] | None = None, skipped: list[dict] = ()) -> dict:
+    """One JSON document: the report itself for one notebook, else all of them, per learner.
+
+    ``learners`` (``learner_summary`` dicts) says whose each notebook is: overall ``totals`` are given only
+    when all the notebooks are one learner's, since adding different learners' points means nothing.
+    """
+    if len(reports) == 1 and not (learners and learners[0]["problems"]):
+        return reports[0]
+    learners = learners if learners is not None else [learner_summary("?", reports)]
+    doc = {
         "schema": SCHEMA,
         "reports": reports,
-        "exit_code": exit_code(reports),
-        "totals": {
-            "points": sum(r["totals"]["points"] for r in reports),
-            "max_points": sum(r["totals"]["max_points"] for r in reports),
-        },
+        "exit_code": max_exit_code([exit_code(reports)] + [s["exit_code"] for s in learners]),
+        "learners": learners,
+        "skipped": list(skipped),
     }
+    if len(learners) == 1:
+        one = learners[0]
+        doc["totals"] = {k: one[k] for k in ("points", "max_points", "max_points_gradable")}
+    return doc
+
+
+def max_exit_code(codes: list[int]) -> int:
+    """The worst of several exit codes: 1 (something failed) over 2 (blocked) over 0."""
+    return 1 if 1 in codes else 2 if 2 in codes else 0
 
 
 def print_report(rep: dict, console=None) -> None:

@@ -13,9 +13,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from grader import cache, labs, notebook, report
+from grader import cache, discovery, labs, notebook, report
 from grader.environment import Hardware, blocked_reason, probe
-from grader.spec import GRADER_DIR, Criterion, Lab, Result, UsageError, gate_failure, quick_mode
+from grader.spec import GRADER_DIR, Criterion, Lab, Result, gate_failure, quick_mode
 from grader.thresholds import threshold
 
 
@@ -30,17 +30,10 @@ class Options:
 
 
 def find_notebooks(path: Path) -> list[Path]:
-    """A notebook, or the notebooks of a lab folder (or of its lab subfolders, e.g. `labs/`)."""
-    if path.is_file() or path.suffix == ".ipynb":
-        return [path]
-    if not path.is_dir():
-        raise UsageError(f"{path}: no such notebook or folder")
-    found = sorted(p for p in path.glob("*.ipynb"))
-    if not found:
-        found = sorted(p for p in path.glob("*/*.ipynb") if ".ipynb_checkpoints" not in p.parts)
-    if not found:
-        raise UsageError(f"{path}: no .ipynb notebooks here or in its subfolders")
-    return found
+    """A notebook, or the lab notebooks under a folder, by ``grader.discovery``'s rules (a folder of lab
+    folders, a learner's folder, or a cohort of learners). What it skips, and why, ``discovery.discover``
+    says; the CLI prints it."""
+    return discovery.discover(path).notebooks()
 
 
 def grade(path: Path, opts: Options) -> list[dict]:
