@@ -74,11 +74,16 @@ class Limits:
 
     @classmethod
     def from_env(cls) -> Limits:
+        from grader.spec import UsageError
+
         kw: dict = {}
-        if MEMORY_ENV in os.environ:
-            kw["memory_bytes"] = parse_size(os.environ[MEMORY_ENV])
-        if OUTPUT_ENV in os.environ:
-            kw["output_bytes"] = parse_size(os.environ[OUTPUT_ENV]) or cls.output_bytes
+        try:
+            if MEMORY_ENV in os.environ:
+                kw["memory_bytes"] = parse_size(os.environ[MEMORY_ENV])
+            if OUTPUT_ENV in os.environ:
+                kw["output_bytes"] = parse_size(os.environ[OUTPUT_ENV]) or cls.output_bytes
+        except ValueError as err:
+            raise UsageError(f"${MEMORY_ENV} / ${OUTPUT_ENV}: {err}") from None
         if os.environ.get(ISOLATE_ENV, "1") == "0":
             kw["isolate"] = False
         return cls(**kw)

@@ -18,6 +18,7 @@ from grader import channel, integrity, labs, notebook
 from grader.environment import probe
 from grader.runner import Options, grade_notebook, stuck_helper
 from grader.sandbox import MiB, CappedOutput, Limits, parse_size
+from grader.spec import UsageError
 
 GOOD_MEAN = "def mean(xs):\n    return sum(xs) / len(xs)"
 GOOD_SPIN = "def spin(n):\n    return n"
@@ -306,10 +307,15 @@ def test_memory_bomb_ends_at_the_memory_limit(make_notebook):
     assert rep["environment"]["sandbox"]["memory"].startswith("512 MiB")
 
 
-def test_memory_limit_is_skipped_on_cuda():
+def test_memory_limit_is_skipped_on_cuda_and_set_by_env(monkeypatch):
     assert Limits().memory_for("cuda") is None and Limits().memory_for("cpu") == 6 << 30
     assert "CUDA" in Limits().describe("cuda")["memory"]
     assert parse_size("6G") == 6 << 30 and parse_size("512M") == 512 * MiB and parse_size("none") is None
+    monkeypatch.setenv("SERVELAB_GRADER_MEMORY", "3G")
+    assert Options().limits.memory_bytes == 3 << 30
+    monkeypatch.setenv("SERVELAB_GRADER_MEMORY", "lots")
+    with pytest.raises(UsageError, match="not a size: 'lots'"):
+        Limits.from_env()
 
 
 def test_output_flood_is_capped_and_never_hits_the_disk(make_notebook, tmp_path, monkeypatch):
