@@ -20,6 +20,8 @@ import linecache
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from grader import integrity
+
 GRADED, CHECK, EXPERIMENT, SOLUTION = "graded", "check", "experiment", "solution"
 KEEP_NODES = (
     ast.Import,
@@ -85,6 +87,7 @@ class Extraction:
     cells: list[GradedCell] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # cells that could not be parsed
     notes: list[str] = field(default_factory=list)
+    violations: list[str] = field(default_factory=list)  # integrity rules broken (grader.integrity)
 
     @property
     def sha256(self) -> str:
@@ -92,6 +95,31 @@ class Extraction:
         for c in self.cells:
             h.update(f"{c.index}\0{c.text}\0".encode())
         return h.hexdigest()
+
+    def reach(self) -> dict[str, set[str]]:
+        """Each top-level function or class of the graded code -> the others it uses by name, directly or
+        through one another (``static_batching -> {left_pad, _helper}``). What a criterion whose exercise
+        is ``f`` may end up running: ``{f} | reach()[f]``."""
+        trees = [ast.parse(c.text) for c in self.cells]
+        tops = {
+            n.name: n
+            for t in trees
+            for n in t.body
+            if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+        }
+        uses = {
+            name: {x.id for x in ast.walk(node) if isinstance(x, ast.Name) and x.id in tops and x.id != name}
+            for name, node in tops.items()
+        }
+        out: dict[str, set[str]] = {}
+        for name in tops:
+            seen, todo = set(), [name]
+            while todo:
+                for used in uses[todo.pop()] - seen:
+                    seen.add(used)
+                    todo.append(used)
+            out[name] = seen - {name}
+        return out
 
     def compact_source(self) -> str:
         """The graded code as one module: kept statements only, PEP 8 spacing around defs and classes."""
@@ -142,9 +170,14 @@ def defined_names(text: str) -> set[str]:
     return {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))}
 
 
-def extract(nb: dict, functions: tuple[str, ...] = ()) -> Extraction:
+def extract(
+    nb: dict, functions: tuple[str, ...] = (), forbidden: tuple[str, ...] = integrity.ALWAYS_FORBIDDEN
+) -> Extraction:
     """The graded code of a notebook: its ``graded`` cells, plus (leniently) any other code cell that
-    defines a graded function the tagged cells do not, e.g. when a learner rewrote it in a new cell."""
+    defines a graded function the tagged cells do not, e.g. when a learner rewrote it in a new cell.
+
+    The kept code is checked against the integrity rules (``grader.integrity``; ``forbidden``: the modules
+    graded code may not import): ``violations`` lists what it breaks, by cell and line."""
     code = [(i, c) for i, c in enumerate(nb["cells"]) if c.get("cell_type") == "code"]
     chosen = [i for i, c in code if GRADED in tags(c)]
     found = set().union(*(defined_names(source(nb["cells"][i])) for i in chosen)) if chosen else set()
@@ -161,8 +194,17 @@ def extract(nb: dict, functions: tuple[str, ...] = ()) -> Extraction:
         try:
             out.cells.append(GradedCell(i, filter_top_level(source(nb["cells"][i]))))
         except SyntaxError as err:
-            out.errors.append(f"cell {i} has a syntax error at line {err.lineno}: {err.msg}")
+            out.errors.append(syntax_error(i, err))
+    out.violations = [
+        str(v) for v in integrity.check(((c.index, ast.parse(c.text)) for c in out.cells), forbidden)
+    ]
     return out
+
+
+def syntax_error(cell: int, err: SyntaxError) -> str:
+    """'cell 3 has a syntax error at line 2: expected ':' (`def mean(xs)`)'."""
+    code = f" (`{err.text.strip()}`)" if err.text and err.text.strip() else ""
+    return f"cell {cell} has a syntax error at line {err.lineno}: {err.msg}{code}"
 
 
 def execute(cells: list[GradedCell], module_name: str = "learner") -> tuple[dict, list[str]]:
@@ -183,7 +225,7 @@ def execute(cells: list[GradedCell], module_name: str = "learner") -> tuple[dict
         try:
             tree = ast.parse(cell.text, cell.filename)
         except SyntaxError as err:
-            errors.append(f"cell {cell.index} has a syntax error at line {err.lineno}: {err.msg}")
+            errors.append(syntax_error(cell.index, err))
             continue
         for node in tree.body:
             try:

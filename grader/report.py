@@ -24,6 +24,7 @@ def build(
     extraction: Extraction | None,
     seed: int,
     error: str | None = None,
+    sandbox: dict | None = None,
 ) -> dict:
     return {
         "schema": SCHEMA,
@@ -39,8 +40,10 @@ def build(
             "cells": [c.index for c in extraction.cells] if extraction else [],
             "load_errors": extraction.errors if extraction else [],
             "notes": extraction.notes if extraction else [],
+            "violations": extraction.violations if extraction else [],
         },
-        "environment": report_environment(hw),
+        # the workers' limits and isolation (grader.sandbox): what held on this machine
+        "environment": {**report_environment(hw), **({"sandbox": sandbox} if sandbox else {})},
         "graded_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 
