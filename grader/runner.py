@@ -17,7 +17,7 @@ from pathlib import Path
 
 from grader import cache, channel, discovery, integrity, labs, notebook, report
 from grader.environment import Hardware, blocked_reason, probe
-from grader.spec import GRADER_DIR, Criterion, Lab, Result, UsageError, gate_failure, quick_mode
+from grader.spec import GRADER_DIR, Criterion, Lab, Result, gate_failure, quick_mode
 from grader.sandbox import MEMORY_SIGNS, CappedOutput, Limits, human, worker_env
 from grader.thresholds import threshold
 
