@@ -74,6 +74,8 @@ def check(
         seed if seed is not None else secrets.randbits(31),
     )
     learner = Learner(ns)
+    for warning in integrity_warnings(the_lab, ns):
+        print(f"⚠️ {warning}", flush=True)
     done: dict[str, Result] = {}
     for crit in sorted(crits, key=lambda c: c.kind == "performance"):  # speed after correctness
         if reason := blocked_reason(the_lab, crit, hw):
@@ -92,6 +94,31 @@ def check(
             f"see the messages above (seed {ctx.seed})"
         )
     return CheckResults(done.values())
+
+
+def integrity_warnings(lab: Lab, ns: dict) -> list[str]:
+    """The grader's integrity rules (grader/integrity.py) applied to this notebook's graded functions, so a
+    rule that `python -m grader check` will enforce is seen here first (the CLI checks whole cells)."""
+    import ast
+    import inspect
+    import types
+
+    from grader import integrity
+
+    modules = [f"import {v.__name__} as {k}" for k, v in ns.items()
+               if isinstance(v, types.ModuleType) and not k.startswith("_")]
+    sources = []
+    for fn in (ns.get(f) for f in lab.functions):
+        try:
+            sources.append(inspect.getsource(fn)) if callable(fn) else None
+        except (OSError, TypeError):  # no source to read (defined by exec): the CLI grader still checks it
+            continue
+    try:
+        tree = ast.parse("\n".join(modules) + "\n" + "\n\n".join(sources))
+    except SyntaxError:
+        return []
+    found = integrity.check([(0, tree)], integrity.forbidden_modules(lab, labs.all_labs()))
+    return [f"the grader will reject this notebook: {v.what} (in {', '.join(lab.functions)})" for v in found]
 
 
 def find(name: str, lab_id: str | None = None) -> tuple[Lab, list[Criterion]]:

@@ -110,3 +110,17 @@ def test_check_cell_in_a_real_kernel_names_the_cell_and_echoes_one_line(tmp_path
     assert "(raised in mean, notebook cell In[2] line 2: `return sum(xs) / 0`)" in failed, failed
     echoed = [o["data"]["text/plain"] for o in nb.cells[4].outputs if o["output_type"] == "execute_result"]
     assert echoed == ["CheckResults(1 passed)"]
+
+
+def test_check_warns_about_what_the_grader_will_reject(capsys, tmp_path):
+    """A graded function that patches the timer passes inline, but the CLI grader rejects it: say so here."""
+    src = "import time\n\ndef mean(xs):\n    time.perf_counter = lambda: 0.0\n    return sum(xs) / len(xs)\n"
+    path = tmp_path / "cell.py"
+    path.write_text(src)
+    namespace = {"__name__": "__main__"}
+    exec(compile(src, str(path), "exec"), namespace)  # a real file, so inspect finds the source as in Jupyter
+    check("mean", namespace=namespace, speed=False)
+    out = capsys.readouterr().out
+    assert "the grader will reject this notebook" in out and "perf_counter" in out
+    check("mean", namespace=ns("def mean(xs):\n    return sum(xs) / len(xs)"), speed=False)
+    assert "reject" not in capsys.readouterr().out
