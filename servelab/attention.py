@@ -13,8 +13,8 @@ import torch.nn.functional as F
 class CausalMask:
     """Who may look at whom in one step; built once per step and shared by every layer."""
 
-    allowed: torch.Tensor  # [B, 1, T, S] bool: query t of row b may look at key s
-    has_key: torch.Tensor  # [B, 1, T, 1] bool: False for padding queries (they see nothing)
+    allowed: torch.Tensor | None  # [B, 1, T, S] bool: query t of row b may look at key s; None: every key
+    has_key: torch.Tensor | None  # [B, 1, T, 1] bool: False for padding queries (they see nothing)
     dense: bool = False  # known on the host: no padding query among the rows that matter (skip zeroing)
     _bias: dict = field(default_factory=dict, repr=False)
 
@@ -31,6 +31,9 @@ class CausalMask:
             bias.masked_fill_(~self.allowed.repeat(1, 1, group, 1), float("-inf"))
             self._bias[(group, dtype)] = bias
         return self._bias[(group, dtype)]
+
+
+SEES_EVERY_KEY = CausalMask(None, None, dense=True)  # e.g. one sequence decoding one token: no mask to build
 
 
 def causal_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, dense: bool = False) -> CausalMask:
@@ -67,6 +70,7 @@ def reference_attention(
     Hkv = k.shape[1]
     group = Hq // Hkv
     q_rows = q.reshape(B, Hkv, group * T, D)  # row g*T + t: query head kv*G + g, token t
-    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=mask.bias(group, q.dtype),
+    bias = None if mask.allowed is None else mask.bias(group, q.dtype)
+    out = F.scaled_dot_product_attention(q_rows, k, v, attn_mask=bias,
                                          scale=1.0 / math.sqrt(D)).reshape(B, Hq, T, D)
     return out if mask.dense else out * mask.has_key.to(out.dtype)

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from servelab.attention import CausalMask, causal_mask, reference_attention
+from servelab.attention import SEES_EVERY_KEY, CausalMask, causal_mask, reference_attention
 from servelab.attention_metadata import AttentionMetadata
 
 
@@ -100,11 +100,13 @@ class SlotMetadata(AttentionMetadata):
     k_pos: torch.Tensor  # [S] key positions 0..S-1 of the span read from every slot
     dense: bool  # no padding: every one of the B*T tokens is written (skip the gather)
     identity: bool  # the batch's rows are slots 0..B-1 in order (no scatter of queries)
+    sees_every_key: bool  # each row has one query, at the last position of the span: no mask needed
     mask: CausalMask | None = field(default=None, kw_only=True)
 
     def on_device(self) -> None:
         n, span = self.q_pos.shape[0], self.k_pos.shape[0]
-        self.mask = causal_mask(self.q_pos, self.k_pos.expand(n, span), self.dense)
+        self.mask = SEES_EVERY_KEY if self.sees_every_key else \
+            causal_mask(self.q_pos, self.k_pos.expand(n, span), self.dense)
 
 
 class SlotView(KVCache):
@@ -133,7 +135,8 @@ class SlotView(KVCache):
             q_pos[slots] = positions
         return SlotMetadata(positions, write_index=rows * T + cols, write_slot=slots[rows], write_pos=positions[rows, cols],
                             slots=slots, q_pos=q_pos, k_pos=torch.arange(span), dense=bool(real.all()),
-                            identity=self.identity)
+                            identity=self.identity,
+                            sees_every_key=self.identity and T == 1 and bool((positions == span - 1).all()))
 
     def attend(self, layer, q, k, v, meta: SlotMetadata):
         B, Hkv, T, D = k.shape

@@ -226,3 +226,28 @@ def test_low_precision_rmsnorm_scales_after_the_cast():
     expected = norm.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(torch.bfloat16)
     torch.testing.assert_close(norm(x), expected)
     torch.testing.assert_close(norm.float()(x32), expected.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_a_step_where_every_query_sees_every_key_builds_no_mask():
+    """Batch-1 decode (and any batch whose rows all sit at the span's last position) skips the mask: same logits."""
+    model = tiny_model()
+    cache, ref = model.new_cache(num_slots=2, max_len=16), model.new_cache(num_slots=2, max_len=16)
+    ids = torch.randint(0, 97, (2, 6))
+    model(ids, torch.arange(6).expand(2, 6), cache.rows([0, 1]))
+    model(ids, torch.arange(6).expand(2, 6), ref.rows([0, 1]))
+    view = cache.rows([0, 1])
+    meta = view.plan(torch.tensor([[6], [6]]))
+    assert meta.sees_every_key and not view.plan(torch.tensor([[6], [5]])).sees_every_key
+    assert not cache.rows([1]).plan(torch.tensor([[6]])).sees_every_key  # slot 0 is in the view, not the batch
+    fast = model(ids[:, :1], torch.tensor([[6], [6]]), view)
+    plan = SlotView.plan
+
+    def plan_with_mask(self, positions):  # the same step with the mask built anyway
+        meta = plan(self, positions)
+        meta.sees_every_key = False
+        return meta
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(SlotView, "plan", plan_with_mask)
+        slow = model(ids[:, :1], torch.tensor([[6], [6]]), ref.rows([0, 1]))
+    torch.testing.assert_close(fast, slow)
