@@ -26,9 +26,12 @@ def probe(request: str = "auto") -> Hardware:
     import torch
 
     cuda = torch.cuda.is_available()
-    if request == "cuda" and not cuda:
-        raise UsageError("--device cuda: this machine has no CUDA GPU (use --device auto or cpu)")
-    device = "cuda" if (request == "cuda" or (request == "auto" and cuda)) else "cpu"
+    request = (request or "auto").lower()
+    if request not in ("auto", "cpu") and not request.startswith("cuda"):
+        raise UsageError(f"unknown device {request!r} (from --device or $SERVELAB_DEVICE): use auto, cpu or cuda")
+    if request.startswith("cuda") and not cuda:
+        raise UsageError(f"device {request!r}: this machine has no CUDA GPU (use --device auto or cpu)")
+    device = "cuda" if (request.startswith("cuda") or (request == "auto" and cuda)) else "cpu"
     if device == "cpu":
         # Triton kernels then run in its interpreter; it must be chosen before triton is imported
         if "triton" not in sys.modules:

@@ -169,3 +169,12 @@ def test_vllm_criterion_runs_the_learners_engine_on_the_gpu(lab01, fake_vllm, mo
     res = run_vllm_criterion(lab01, "cuda", calls)  # the real probe: CUDA is here, vllm is the fake
     assert res.status == "passed", res.message
     assert calls[0]["device"].type == "cuda"
+
+
+def test_probe_refuses_an_unknown_device_instead_of_falling_back_to_cpu():
+    """SERVELAB_DEVICE=tpu used to grade on the CPU without a word (inline checks read the variable)."""
+    from grader.spec import UsageError
+
+    with pytest.raises(UsageError, match="unknown device 'tpu'"):
+        environment.probe("tpu")
+    assert environment.probe("CPU").device == "cpu"
