@@ -114,10 +114,14 @@ def test_check_cell_in_a_real_kernel_names_the_cell_and_echoes_one_line(tmp_path
 
 def test_check_warns_about_what_the_grader_will_reject(capsys, tmp_path):
     """A graded function that patches the timer passes inline, but the CLI grader rejects it: say so here."""
-    src = "import time\n\ndef mean(xs):\n    time.perf_counter = lambda: 0.0\n    return sum(xs) / len(xs)\n"
+    import types
+
+    clock = types.ModuleType("clock")  # a stand-in for `time`: the function really runs, so patch a harmless one
+    clock.perf_counter = lambda: 1.0
+    src = "def mean(xs):\n    clock.perf_counter = lambda: 0.0\n    return sum(xs) / len(xs)\n"
     path = tmp_path / "cell.py"
     path.write_text(src)
-    namespace = {"__name__": "__main__"}
+    namespace = {"__name__": "__main__", "clock": clock}
     exec(compile(src, str(path), "exec"), namespace)  # a real file, so inspect finds the source as in Jupyter
     check("mean", namespace=namespace, speed=False)
     out = capsys.readouterr().out
