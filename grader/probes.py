@@ -13,10 +13,14 @@ from dataclasses import dataclass, field
 class Call:
     tokens: int  # input_ids.shape[1]: tokens computed by this forward (per row)
     batch: int
-    max_position: int
     cached: bool  # a KV cache (view) was passed
     seconds: float
     positions: list[list[int]] = field(default_factory=list)  # per row, as fed (-1 = padding)
+
+    @property
+    def max_position(self) -> int:
+        """Position of the newest token this call fed."""
+        return max((p for row in self.positions for p in row), default=self.tokens - 1)
 
     @property
     def real_tokens(self) -> int:
@@ -38,8 +42,7 @@ class CountingModel:
             out = self.model(input_ids, positions, cache)
         rows = (positions.tolist() if positions is not None
                 else [list(range(input_ids.shape[1]))] * input_ids.shape[0])
-        top = max((p for row in rows for p in row), default=input_ids.shape[1] - 1)
-        self.calls.append(Call(input_ids.shape[1], input_ids.shape[0], top, cache is not None, t.elapsed_s, rows))
+        self.calls.append(Call(input_ids.shape[1], input_ids.shape[0], cache is not None, t.elapsed_s, rows))
         return out
 
     def forward(self, *args, **kwargs):

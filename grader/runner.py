@@ -173,20 +173,6 @@ class WorkerRun:
     stopped_in: str | None = None  # the learner function a timeout or the CPU limit stopped (its qualname)
 
 
-def run_isolated(
-    lab: Lab,
-    crit: Criterion,
-    extraction: notebook.Extraction,
-    hw: Hardware,
-    quick: bool,
-    seed: int,
-    timeout_scale: float = 1.0,
-    limits: Limits | None = None,
-) -> Result:
-    """Run one criterion in a sandboxed worker process (see ``run_worker``)."""
-    return run_worker(lab, crit, extraction, hw, quick, seed, timeout_scale, limits).result
-
-
 def run_worker(
     lab: Lab,
     crit: Criterion,

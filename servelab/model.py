@@ -149,7 +149,6 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         self.name = "unnamed"
-        self.fused = False
 
     @property
     def device(self) -> torch.device:
@@ -168,8 +167,12 @@ class CausalLM(nn.Module):
         for layer in self.model.layers:
             layer.self_attn.fuse()
             layer.mlp.fuse()
-        self.fused = True
         return self
+
+    @property
+    def fused(self) -> bool:
+        """Whether ``fuse_projections`` ran (the layers then hold qkv_proj and gate_up_proj)."""
+        return any(layer.self_attn.qkv_proj is not None for layer in self.model.layers)
 
     def new_cache(self, num_slots: int, max_len: int) -> ContiguousKVCache:
         c = self.config
