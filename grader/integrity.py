@@ -21,8 +21,9 @@ and the line. The rules (README: "Integrity rules"):
    ``importlib.import_module(...)``, ``sys.modules[...]``). Earlier labs' references stay allowed.
 
 These are static checks: code that builds a module name at run time, or reaches the same objects through
-``getattr`` chains inside a function, is not caught. The grader's real defence is the worker's sandbox, and
-(planned) a harness process the learner's code cannot reach.
+``getattr`` chains inside a function, is not caught. The grader's real defence is the harness
+(``grader.remote``: criteria, timing and results live in a process the learner's code cannot reach) and the
+worker's sandbox (``grader.worker``: forbidden imports refused at run time, answer files hidden).
 """
 
 from __future__ import annotations

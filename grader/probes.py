@@ -60,3 +60,23 @@ class CountingModel:
     @property
     def real_forward_tokens(self) -> int:
         return sum(c.real_tokens for c in self.calls)
+
+
+class CountingClock:
+    """A StepClock whose step() calls the grader counts itself: a step count that does not rest on what the
+    engine reports (``run.steps``)."""
+
+    def __init__(self, step_s: float = 0.01):
+        from servelab.engine import StepClock
+
+        self.clock, self.steps = StepClock(step_s), 0
+
+    def now(self) -> float:
+        return self.clock.now()
+
+    def step(self) -> None:
+        self.steps += 1
+        self.clock.step()
+
+    def wait_until(self, t: float) -> None:
+        self.clock.wait_until(t)

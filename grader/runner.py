@@ -3,22 +3,17 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
-import signal
-import subprocess
 import sys
-import tempfile
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from grader import cache, channel, discovery, integrity, labs, notebook, report
+from grader import cache, discovery, integrity, labs, notebook, remote, report
 from grader.environment import Hardware, blocked_reason, probe
-from grader.spec import GRADER_DIR, Criterion, Lab, Result, gate_failure, quick_mode
-from grader.sandbox import MEMORY_SIGNS, CappedOutput, Limits, human, worker_env
+from grader.spec import GRADER_DIR, Context, Criterion, Lab, Result, Stopped, gate_failure, quick_mode, run_criterion
+from grader.sandbox import MEMORY_SIGNS, Limits, human
 from grader.thresholds import threshold
 
 
@@ -183,25 +178,23 @@ def run_worker(
     timeout_scale: float = 1.0,
     limits: Limits | None = None,
 ) -> WorkerRun:
-    """Run one criterion in a fresh process group with the limits of ``grader.sandbox``, in a fresh folder
-    (its cwd, HOME and TMPDIR; removed afterwards). On timeout, ask the worker where the learner's code is
-    stuck, then kill the whole group (the learner's children too). The result comes back sealed over a pipe
-    (``grader.channel``); output goes to a capped in-memory sink."""
+    """Run one criterion here, in the harness, against the learner's code in a fresh worker process
+    (``grader.remote``): its own process group, the limits of ``grader.sandbox``, a fresh folder (cwd, HOME,
+    TMPDIR; removed afterwards), output to a capped in-memory sink. The verdict, the timing and the result
+    never leave this process; the worker only answers calls with data."""
     limits = limits or Limits.from_env()
     timeout = crit.timeout_s * timeout_scale
-    memory = limits.memory_for(hw.device)
+    forbidden = integrity.forbidden_modules(lab, labs.all_labs())
     spec = {
         "lab": lab.id,
-        "criterion": crit.id,
         "device": hw.device,
-        "device_class": hw.device_class,
-        "quick": quick,
-        "seed": seed,
-        "threshold": threshold(hw.device_class, lab.id, crit.id),
+        "uses_servelab": lab.uses_servelab,
         "cells": [{"index": c.index, "text": c.text} for c in extraction.cells],
         "errors": extraction.errors,
+        "forbidden": list(forbidden),
+        "hide": hidden_paths(forbidden),
         "limits": {
-            "memory": memory,
+            "memory": limits.memory_for(hw.device),
             "cpu": limits.cpu_for(timeout),
             "file": limits.file_bytes,
             "isolate": limits.isolate,
@@ -211,171 +204,44 @@ def run_worker(
     paths = [str(GRADER_DIR.parent)] + [
         os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p
     ]
-    key = channel.new_key()
+    env = dict(os.environ, SERVELAB_DEVICE=hw.device, PYTHONPATH=os.pathsep.join(paths))
+    env.pop(cache.CACHE_ENV, None)  # learner code has no business with the results cache
+    ctx = Context(lab.id, hw.device, hw.device_class, quick, seed, threshold(hw.device_class, lab.id, crit.id))
     t0 = time.perf_counter()
-    with tempfile.TemporaryDirectory(prefix="grader-", ignore_cleanup_errors=True) as tmp:
-        work = Path(tmp) / "work"
-        (work / "tmp").mkdir(parents=True)
-        env = worker_env(dict(os.environ, SERVELAB_DEVICE=hw.device, PYTHONPATH=os.pathsep.join(paths)), work)
-        env.pop(cache.CACHE_ENV, None)  # learner code has no business with the results cache
-        spec_file = Path(tmp) / "spec.json"
-        spec_file.write_text(json.dumps(spec), encoding="utf-8")
-        key_r, key_w = os.pipe()
-        os.write(key_w, key.hex().encode("ascii"))  # 64 bytes: fits any pipe buffer
-        os.close(key_w)
-        result_r, result_w = os.pipe()
-        marker_r, marker_w = os.pipe()
-        try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "grader.worker", str(spec_file), str(result_w), str(marker_w)],
-                stdin=key_r,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                cwd=work,
-                env=env,
-                start_new_session=True,
-                pass_fds=(result_w, marker_w),
-            )
-        except BaseException:
-            for fd in (result_r, marker_r):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (key_r, result_w, marker_w):
-                os.close(fd)
-        output = CappedOutput(proc.stdout, limits.output_bytes)
-        sealed = _PipeReader(result_r, cap=16 * 1024 * 1024)
-        timed_out, stopped_in = False, None
-        try:
-            proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGUSR1)  # "where are you?": the worker answers on the marker pipe
-            stopped_in = _read_marker(marker_r, wait=1.0)
-        finally:
-            kill_group(proc.pid)
-            proc.wait()
-        if stopped_in is None and proc.returncode == -signal.SIGXCPU:
-            stopped_in = _read_marker(marker_r, wait=0)
-        os.close(marker_r)
-        output.join(timeout=5)
-        sealed.join(timeout=5)
-    seconds = round(time.perf_counter() - t0, 3)
-    where = _describe_where(stopped_in)
-    qualname = stopped_in.split("\t")[0] if stopped_in else None
-    metrics = {"seed": seed, **({"stopped_in": qualname} if qualname else {})}
-    if timed_out:
-        message = (
-            f"did not finish within {timeout:.0f} s and was stopped{where} (an endless loop, or a decode "
-            "that never stops?)"
-        )
-        return _with_output(
-            WorkerRun(Result(crit.id, crit.kind, "timeout", 0, crit.points, message, metrics, seconds), None, qualname),
-            output,
-        )
-    payload = channel.unseal(sealed.data, key)
-    if payload is None:
-        status, message = _no_result(proc.returncode, sealed.data, output, spec["limits"], where)
-        return _with_output(
-            WorkerRun(Result(crit.id, crit.kind, status, 0, crit.points, message, metrics, seconds), None, qualname),
-            output,
-        )
-    res = Result(**payload["result"])
-    res.id, res.kind, res.max_points, res.seconds = crit.id, crit.kind, crit.points, seconds
-    res.points = crit.points if res.status == "passed" else 0
-    return _with_output(WorkerRun(res, payload.get("sandbox"), qualname), output)
-
-
-def _no_result(
-    returncode: int, data: bytes, output: CappedOutput, limits: dict, where: str
-) -> tuple[str, str]:
-    """(status, message) of a worker that sent no sealed result."""
-    tail = output.text()[-1500:]
-    ends = f"; its output ends with:\n{tail}" if tail.strip() else "; it printed nothing"
-    if data:
-        return "error", (
-            "result not from the grader: the worker's result pipe carried data the grader did not seal "
-            "(learner code wrote to it?), so it was ignored"
-        )
-    if returncode == -signal.SIGXCPU:
-        return "timeout", f"CPU time limit of {limits['cpu']} s reached and the worker was stopped{where}"
-    if limits.get("memory") and any(s in tail for s in MEMORY_SIGNS):
-        return "error", f"memory limit of {human(limits['memory'])} reached and the worker died{ends}"
-    if returncode == -signal.SIGKILL:
-        return "error", (
-            f"the worker was killed (SIGKILL){where}: its CPU time limit's hard stop, or the system's "
-            f"out-of-memory killer{ends}"
-        )
-    if returncode == 0:
-        return "error", (
-            f"the worker exited (exit code 0) without reporting a result: code it ran ended the process "
-            f"(os._exit?){where}{ends}"
-        )
-    how = f"signal {-returncode}" if returncode < 0 else f"exit code {returncode}"
-    return "error", f"the grading process died ({how}) before reporting{where}{ends}"
-
-
-def _with_output(run: WorkerRun, output: CappedOutput) -> WorkerRun:
-    if note := output.note():
-        run.result.message += f"\n({note})"
-        run.result.metrics["output_bytes"] = output.total
-    return run
-
-
-def _describe_where(marker: str | None) -> str:
-    """' while running `left_pad` (notebook cell 11 line 7)' from the worker's marker line."""
-    if not marker:
-        return ""
-    qualname, cell, line = (marker.split("\t") + ["", ""])[:3]
-    return f" while running `{qualname}` (notebook cell {cell} line {line})"
-
-
-def _read_marker(fd: int, wait: float) -> str | None:
-    """The worker's last 'qualname<TAB>cell<TAB>line' line on the marker pipe, waiting up to ``wait`` s."""
-    import select
-
-    data = b""
-    deadline = time.monotonic() + wait
-    while True:
-        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
-        if not ready:
-            break
-        chunk = os.read(fd, 4096)
-        if not chunk:
-            break
-        data += chunk
-        if data.endswith(b"\n"):
-            break
-    lines = data.decode("utf-8", "replace").strip().splitlines()
-    return lines[-1] if lines else None
-
-
-class _PipeReader:
-    """Read a pipe to its end in a thread (the worker may write more than a pipe buffer holds), keeping at
-    most ``cap`` bytes (more than that is no result of ours: its seal will not match)."""
-
-    def __init__(self, fd: int, cap: int):
-        self.fd, self.cap, self.data = fd, cap, b""
-        self._thread = threading.Thread(target=self._pump, name="worker-result", daemon=True)
-        self._thread.start()
-
-    def _pump(self) -> None:
-        parts, size = [], 0
-        while chunk := os.read(self.fd, 1 << 16):
-            if size < self.cap:
-                parts.append(chunk)
-            size += len(chunk)
-        self.data = b"".join(parts)
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            os.close(self.fd)
-
-
-def kill_group(pgid: int) -> None:
+    worker = remote.Worker(spec, timeout, limits.output_bytes, env)
     try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass  # the group is already gone
+        res = run_criterion(crit, remote.RemoteLearner(worker), ctx)
+        sandbox = worker.ready().get("sandbox") if res.status != "timeout" and worker.proc.poll() is None else None
+    except Stopped:  # the worker died before it said what it isolated
+        sandbox = None
+    finally:
+        worker.close()
+    res.seconds = round(time.perf_counter() - t0, 3)
+    memory = spec["limits"]["memory"]
+    if memory and res.status == "error" and any(s in res.message for s in MEMORY_SIGNS) \
+            and "memory limit" not in res.message:
+        res.message = f"memory limit of {human(memory)} reached: {res.message}"
+    if note := worker.output.note():
+        res.message += f"\n({note})"
+        res.metrics["output_bytes"] = worker.output.total
+    qualname = res.metrics.get("stopped_in")
+    return WorkerRun(res, sandbox if isinstance(sandbox, dict) else None, qualname)
+
+
+def hidden_paths(forbidden: tuple[str, ...]) -> list[str]:
+    """Files and folders the worker sees empty: the forbidden modules' sources (and their compiled copies),
+    the grader's criteria and the solutions."""
+    import importlib.util
+
+    out = [str(GRADER_DIR / "labs"), str(GRADER_DIR.parent / "solutions")]
+    for name in forbidden:
+        if not name.startswith("servelab.reference."):
+            continue
+        with contextlib.suppress(ImportError, ValueError):
+            spec = importlib.util.find_spec(name)
+            if spec and spec.origin and os.path.isfile(spec.origin):
+                src = Path(spec.origin)
+                out.append(str(src))
+                out += [str(p) for p in (src.parent / "__pycache__").glob(f"{src.stem}.*.pyc")]
+    return out
+

@@ -197,11 +197,12 @@ MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noa
 WRITABLE_MOUNTS = ("/dev/shm",)  # POSIX shared memory (multiprocessing, vLLM): tmpfs, gone at reboot
 
 
-def isolate(work: Path, limits: dict) -> dict[str, str]:
+def isolate(work: Path, limits: dict, hide: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     """Enter the worker's sandbox (call while the process has one thread: ``unshare`` needs that) and
-    return what holds: ``{"network": ..., "filesystem": ...}``, each 'isolated: ...' or 'not isolated: why'."""
+    return what holds: ``{"network": ..., "filesystem": ...}``, each 'isolated: ...' or 'not isolated: why'.
+    ``hide``: files and folders (this lab's answers) that the worker sees empty."""
     if limits.get("isolate", True):
-        state = _namespaces(str(work.resolve()))
+        state = _namespaces(str(work.resolve()), hide)
     else:
         off = f"not isolated: turned off (${ISOLATE_ENV}=0)"
         state = {"network": off, "filesystem": off}
@@ -230,7 +231,7 @@ def set_rlimits(memory: int | None, cpu: int | None, file_bytes: int | None) -> 
         lower(resource.RLIMIT_FSIZE, file_bytes)
 
 
-def _namespaces(work: str) -> dict[str, str]:
+def _namespaces(work: str, hide: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     if not sys.platform.startswith("linux"):
         why = f"not isolated: {sys.platform} has no namespaces the grader can enter unprivileged"
         return {"network": why, "filesystem": why}
@@ -261,6 +262,7 @@ def _namespaces(work: str) -> dict[str, str]:
         mount("/", MS_REC | MS_PRIVATE)  # nothing done here propagates to the grader's namespace
         mount(work, MS_BIND | MS_REC, source=work)  # its own mount: stays writable
         os.chdir(work)  # the cwd still pointed into the mount below, which becomes read-only
+        hidden = _hide(hide, mount, work)
         failed = []
         for target, options in _mounts():
             if target == work or any(target == w or target.startswith(w + "/") for w in WRITABLE_MOUNTS):
@@ -274,6 +276,8 @@ def _namespaces(work: str) -> dict[str, str]:
                     raise
                 failed.append(f"{target} ({err.strerror})")
         state["filesystem"] = "isolated: read-only except the worker's folder and /dev/shm"
+        if hidden:
+            state["filesystem"] += f"; {hidden} of this lab's answer and grading files hidden"
         if failed:
             state["filesystem"] += "; still writable: " + ", ".join(failed)
     except OSError as err:
@@ -281,6 +285,23 @@ def _namespaces(work: str) -> dict[str, str]:
     if not _drop_capabilities(libc):
         state["filesystem"] = "not isolated: could not drop the namespace's capabilities (capset refused)"
     return state
+
+
+def _hide(paths, mount, work: str) -> int:
+    """Mount /dev/null over each file and an empty folder over each folder of ``paths``: the learner's code
+    reads nothing there, however it opens them. Returns how many were hidden."""
+    empty = os.path.join(work, ".hidden")
+    n = 0
+    for path in paths:
+        if os.path.isdir(path):
+            os.makedirs(empty, exist_ok=True)
+            mount(path, MS_BIND, source=empty)
+        elif os.path.isfile(path):
+            mount(path, MS_BIND, source="/dev/null")
+        else:
+            continue
+        n += 1
+    return n
 
 
 def _mounts() -> list[tuple[str, str]]:

@@ -62,6 +62,16 @@ class Blocked(Exception):
     time: reported as `blocked` with this message (say what is missing and how to get it), not scored."""
 
 
+class Stopped(BaseException):
+    """The learner's worker ended or was stopped in the middle of a criterion (timeout, a limit, a crash, a
+    forged message): reported with ``status`` and ``message`` as they are. A BaseException, so that a
+    criterion's ``except Exception`` around a learner call cannot swallow it."""
+
+    def __init__(self, status: str, message: str, stopped_in: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.stopped_in = status, message, stopped_in
+
+
 class UsageError(ValueError):
     """The grader cannot run as asked (no such notebook, --device cuda without a GPU, an unwritable --json
     path): nothing is graded. The CLI prints the message and exits with its usage code (64)."""
@@ -78,22 +88,22 @@ class Learner:
         """The learner's function ``name``, or a GradingError that says why it is not usable."""
         obj = self.namespace.get(name)
         if obj is None:
-            defined = sorted(
-                k
-                for k, v in self.namespace.items()
-                if callable(v)
-                and not k.startswith("_")
-                and getattr(v, "__module__", None) == self.namespace.get("__name__")
-            )
-            msg = f"`{name}` is not defined by the notebook's graded cells"
-            msg += f" (they define: {', '.join(defined)})" if defined else ""
-            msg += ". Keep the exercise's function name and signature, and keep its cell tagged `graded`."
-            if self.load_errors:
-                msg += " Cells that failed to load: " + "; ".join(self.load_errors)
-            raise GradingError(msg)
+            own = self.namespace.get("__name__")
+            defined = [k for k, v in self.namespace.items()
+                       if callable(v) and not k.startswith("_") and getattr(v, "__module__", None) == own]
+            raise GradingError(missing_function(name, defined, self.load_errors))
         if not callable(obj):
             raise GradingError(f"`{name}` is a {type(obj).__name__}, not a function")
         return obj
+
+
+def missing_function(name: str, defined: list[str], load_errors: list[str]) -> str:
+    msg = f"`{name}` is not defined by the notebook's graded cells"
+    msg += f" (they define: {', '.join(sorted(defined))})" if defined else ""
+    msg += ". Keep the exercise's function name and signature, and keep its cell tagged `graded`."
+    if load_errors:
+        msg += " Cells that failed to load: " + "; ".join(load_errors)
+    return msg
 
 
 @dataclass
@@ -267,6 +277,10 @@ def run_criterion(crit: Criterion, learner: Learner, ctx: Context) -> Result:
         status, message = "error", str(err)
     except Blocked as err:
         status, message = "blocked", str(err)
+    except Stopped as err:
+        status, message = err.status, err.message
+        if err.stopped_in:
+            metrics["stopped_in"] = err.stopped_in
     except NotImplementedError as err:
         status, message = (
             "failed",
@@ -308,7 +322,9 @@ def _where(err: BaseException, crit: Criterion | None = None, code: bool = True)
     frame that is the learner's. When no frame is (the error came from library code handed bad input, e.g. a
     servelab dataclass rejecting what the learner's function returned), name the library frame and the
     exercise being graded instead."""
-    frames = traceback.extract_tb(err.__traceback__)
+    frames = getattr(err, "remote_frames", None)  # raised in the learner's worker (grader.remote)
+    if frames is None:
+        frames = traceback.extract_tb(err.__traceback__)
     library = _library_paths(crit)
     mine = [f for f in frames if _is_learners(f.filename, library)]
     if mine:

@@ -1,19 +1,21 @@
-"""One criterion in its own process: ``python -m grader.worker SPEC.json RESULT_FD MARKER_FD`` (key on stdin).
+"""The learner's side of grading: ``python -m grader.worker SPEC.json IN_FD OUT_FD MARKER_FD``.
 
-Started by ``grader.runner``, which kills this process's whole group on timeout, so nothing the learner's
-code starts survives it. In this order, before any learner code runs:
+Started by ``grader.remote.Worker`` for one criterion, in a fresh process group the harness kills when the
+criterion ends, so nothing the learner's code starts survives it. In this order:
 
-1. read the result key from stdin (``grader.channel``): the result can only be sent sealed with it;
-2. enter the sandbox (``grader.sandbox.isolate``): namespaces and rlimits. ``unshare`` needs a process with a
-   single thread, so this comes before anything (torch) starts threads;
-3. install the "where is it stuck" handlers: on SIGUSR1 (the parent's timeout) and SIGXCPU (the CPU limit)
-   the worker writes the innermost learner function running to MARKER_FD, so the grader can name it and skip
-   later criteria that need it (see ``grader.runner``);
-4. load the learner's code, run the criterion, send the sealed result to RESULT_FD.
+1. enter the sandbox (``grader.sandbox.isolate``): namespaces, rlimits, this lab's answers hidden. ``unshare``
+   needs a process with a single thread, so this comes before anything (torch) starts threads;
+2. refuse imports of the lab's own reference, the grader's criteria and the solutions;
+3. install the "where is it stuck" handlers: on SIGUSR1 (the harness's timeout) and SIGXCPU (the CPU limit)
+   write the innermost learner function running to MARKER_FD, so the grader can name it and skip later
+   criteria that need it;
+4. run the graded cells, send what they define, then answer calls (``grader.codec`` data) until told to
+   exit. The worker decides nothing: whatever it sends, the harness checks.
 """
 
 from __future__ import annotations
 
+import importlib.abc
 import json
 import os
 import signal
@@ -22,61 +24,148 @@ import traceback
 from pathlib import Path
 from types import FrameType
 
-from grader.channel import Sealer, read_key, write_all
-from grader.sandbox import MEMORY_SIGNS, human, isolate
-from grader.spec import Context, Learner, Result, run_criterion
-
-MAX_MESSAGE = 20_000  # characters of a result's message (a learner's exception text can be any size)
+from grader import channel
+from grader.codec import Decoder, Encoder
+from grader.sandbox import isolate
 
 
 def main(argv: list[str]) -> None:
-    spec_path, result_fd, marker_fd = argv[0], int(argv[1]), int(argv[2])
-    sealer = Sealer(read_key(0))
-    for fd in (result_fd, marker_fd):
+    spec_path, in_fd, out_fd, marker_fd = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    for fd in (in_fd, out_fd, marker_fd):
         os.set_inheritable(fd, False)  # programs the learner's code starts do not get them
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
-    sandbox: dict[str, str] = {}
-    try:
-        sandbox = isolate(Path.cwd(), spec["limits"])
-        report_where_stopped(marker_fd)
-        result = run(spec)
-        result = with_memory_reason(result, spec["limits"].get("memory"))
-    except BaseException as err:  # noqa: BLE001 - report grader failures instead of dying silently
-        result = Result(
-            spec["criterion"],
-            "correctness",
-            "error",
-            0,
-            0,
-            f"grader error: {type(err).__name__}: {err}\n{traceback.format_exc(limit=-3)}",
-        )
-        result = with_memory_reason(result, spec["limits"].get("memory"))
-    if len(result.message) > MAX_MESSAGE:
-        result.message = result.message[: MAX_MESSAGE // 2] + " [...] " + result.message[-MAX_MESSAGE // 2 :]
-    payload = json.dumps({"result": result.to_json(), "sandbox": sandbox}, default=str).encode()
-    write_all(result_fd, sealer.seal(payload))
-
-
-def run(spec: dict) -> Result:
-    from grader import labs
+    sandbox = isolate(Path.cwd(), spec["limits"], hide=spec.get("hide", []))
+    report_where_stopped(marker_fd)
+    from grader import probes  # noqa: F401 - what the worker itself needs from the grader, before the ban
     from grader.notebook import GradedCell, execute
 
-    lab = labs.get(spec["lab"])
-    crit = lab.get(spec["criterion"])
-    if lab.uses_servelab:
+    if spec.get("uses_servelab"):
         import servelab  # noqa: F401 - configures Triton (interpreter on CPU) before learner code imports it
+        import torch
+
+        if spec["device"] == "cpu":  # criteria time small-batch decodes: one thread is faster and steadier
+            torch.set_num_threads(int(os.environ.get("SERVELAB_GRADER_THREADS", "1")))
+    sys.meta_path.insert(0, ForbiddenImports(spec.get("forbidden", [])))
     cells = [GradedCell(c["index"], c["text"]) for c in spec["cells"]]
-    namespace, errors = execute(cells, module_name=f"learner_{lab.id}")
-    learner = Learner(namespace, spec["errors"] + errors)
-    ctx = Context(lab.id, spec["device"], spec["device_class"], spec["quick"], spec["seed"], spec["threshold"])
-    return run_criterion(crit, learner, ctx)
+    namespace, errors = execute(cells, module_name=f"learner_{spec['lab']}")
+    channel.send(out_fd, {"listing": listing(namespace), "errors": spec["errors"] + errors, "sandbox": sandbox})
+    server = Server(namespace, spec["device"])
+    while True:
+        try:
+            message = channel.recv(in_fd)
+        except channel.ChannelClosed:
+            return
+        if message.get("op") == "exit":
+            return
+        channel.send(out_fd, server.answer(message))
 
 
-def with_memory_reason(result: Result, memory: int | None) -> Result:
-    """An error that is an allocation refused by the memory limit says so."""
-    if memory and result.status == "error" and any(s in result.message for s in MEMORY_SIGNS):
-        result.message = f"memory limit of {human(memory)} reached: {result.message}"
-    return result
+def listing(ns: dict) -> dict:
+    """What the graded cells define: public names (callable or not) and the functions defined in them."""
+    own = ns.get("__name__")
+    public = {k: v for k, v in ns.items() if not k.startswith("_")}
+    return {
+        "names": {k: {"callable": callable(v), "type": type(v).__name__} for k, v in list(public.items())[:1000]},
+        "defined": sorted(k for k, v in public.items() if callable(v) and getattr(v, "__module__", None) == own),
+    }
+
+
+class Server:
+    """Answers the harness: calls of the learner's functions (or of objects they returned), attribute reads."""
+
+    def __init__(self, namespace: dict, device: str):
+        self.ns, self.device, self.refs = namespace, device, {}
+
+    def answer(self, message: dict) -> dict:
+        made: dict[str, object] = {}  # the grader objects built for this call, by handle number
+        try:
+            if message.get("op") == "attr":
+                value = getattr(self.refs[message["ref"]], message["name"])
+            else:
+                target = message["target"]
+                fn = self.ns[target["fn"]] if "fn" in target else self.refs[target["ref"]]
+                decode = Decoder({"$model": self.model, "$ref": lambda d: self.refs[d["$ref"]],
+                                  "$probe": lambda d: self.probe(d, made, decode),
+                                  "$clock": lambda d: self.clock(d, made)})
+                args, kwargs = decode(message["args"]), decode(message["kwargs"])
+                value = fn(*args, **kwargs)
+                self.synchronize()  # the harness times the whole call: the GPU's work is part of it
+            reply = {"value": Encoder(ref=self.ref)(value)}
+        except BaseException as err:  # noqa: BLE001 - the learner's exception is the answer
+            reply = {"raised": describe(err)}
+        reply["state"] = {k: state(obj) for k, obj in made.items()}
+        return reply
+
+    def model(self, d: dict):
+        from grader.spec import Context
+
+        return Context("", self.device).model(d["$model"])
+
+    def probe(self, d: dict, made: dict, decode: Decoder):
+        from grader.probes import CountingModel
+
+        made[str(d["$probe"])] = probe = CountingModel(decode(d["model"]))
+        return probe
+
+    def clock(self, d: dict, made: dict):
+        from grader.probes import CountingClock
+        from servelab.engine import StepClock, WallClock
+
+        if d["kind"] == "wall":
+            clock = WallClock()
+        elif d["kind"] == "counting":
+            clock = CountingClock(d["step_s"])
+            clock.clock.t, clock.steps = d["t"], d["steps"]
+        else:
+            clock = StepClock(d["step_s"])
+            clock.t = d["t"]
+        made[str(d["$clock"])] = clock
+        return clock
+
+    def ref(self, obj) -> dict:
+        self.refs[len(self.refs)] = obj
+        return {"$ref": len(self.refs) - 1, "type": type(obj).__name__, "callable": callable(obj)}
+
+    def synchronize(self) -> None:
+        if self.device != "cpu" and "torch" in sys.modules:
+            from servelab.device import synchronize
+
+            synchronize(self.device)
+
+
+def state(obj) -> dict:
+    from grader.probes import CountingClock, CountingModel
+
+    if isinstance(obj, CountingModel):
+        return {"calls": [[c.tokens, c.batch, c.cached, c.seconds, c.positions] for c in obj.calls]}
+    if isinstance(obj, CountingClock):
+        return {"t": obj.clock.t, "steps": obj.steps}
+    return {"t": getattr(obj, "t", 0.0)}
+
+
+def describe(err: BaseException) -> dict:
+    """An exception as data: its type, nearest built-in base, message and frames."""
+    base = next((c.__name__ for c in type(err).__mro__ if c.__module__ == "builtins"), "Exception")
+    try:
+        message = str(err)
+    except BaseException:  # noqa: BLE001 - a learner exception whose __str__ raises
+        message = f"<{type(err).__name__} whose message cannot be printed>"
+    frames = [[f.filename, f.lineno, f.name, f.line] for f in traceback.extract_tb(err.__traceback__)]
+    return {"type": type(err).__name__, "base": base, "message": message[:20_000], "frames": frames[-50:]}
+
+
+class ForbiddenImports(importlib.abc.MetaPathFinder):
+    """Refuses to import this lab's reference module, the grader's criteria and the solutions, however the
+    import is spelled (``importlib``, ``__import__``); the sandbox also hides their files."""
+
+    def __init__(self, names: list[str]):
+        self.names = tuple(names)
+
+    def find_spec(self, fullname, path, target=None):
+        if any(fullname == n or fullname.startswith(n + ".") for n in self.names):
+            raise ImportError(f"graded code may not import `{fullname}`: it holds this lab's answers or its "
+                              "grading (see grader/README.md, 'Integrity rules')")
+        return None
 
 
 def report_where_stopped(marker_fd: int) -> None:
@@ -106,4 +195,4 @@ def learner_frame(frame: FrameType | None) -> str | None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:4])
+    main(sys.argv[1:5])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from grader import channel, integrity, labs, notebook
+from grader import integrity, labs, notebook
 from grader.environment import probe
 from grader.runner import Options, grade_notebook, stuck_helper
 from grader.sandbox import MiB, CappedOutput, Limits, parse_size
@@ -73,12 +73,12 @@ def mean(xs):
     import json, os, sys
     forged = json.dumps({"id": "mean_values", "kind": "correctness", "status": "passed", "points": 3,
                          "max_points": 3, "message": "forged", "metrics": {}, "seconds": 0.0})
-    target = sys.argv[2]
-    if target.isdigit():  # a file descriptor: try the pipe, with a made-up seal
-        os.write(int(target), forged.encode() + b"\\n" + b"0" * 64 + b"\\n")
-    else:  # a path: today's result file
-        with open(target, "w") as f:
-            f.write(forged)
+    for target in sys.argv[1:]:
+        if target.isdigit():  # a pipe of the worker's
+            try:
+                os.write(int(target), forged.encode() + b"\\n" + b"0" * 64 + b"\\n")
+            except OSError:
+                pass
     os._exit(0)
 """
 
@@ -87,18 +87,8 @@ def test_forged_result_is_not_from_the_grader(make_notebook):
     rep = grade(make_notebook([(FORGE_RESULT_FILE, ["graded"]), (GOOD_SPIN, ["graded"])]))
     got = result(rep, "mean_values")
     assert got["status"] == "error" and got["points"] == 0, got
-    assert "result not from the grader" in got["message"], got["message"]
+    assert "not the grader's" in got["message"] or "exit code 0" in got["message"], got["message"]
     assert result(rep, "spin_stops")["status"] == "passed"  # the next worker is not affected
-
-
-def test_unseal_accepts_exactly_one_sealed_payload():
-    key = channel.new_key()
-    sealed = channel.Sealer(bytearray(key)).seal(b'{"a": 1}')
-    assert channel.unseal(sealed, key) == {"a": 1}
-    assert channel.unseal(b'{"a": 2}\n' + sealed, key) is None  # learner bytes before the real result
-    assert channel.unseal(sealed + b"x", key) is None
-    assert channel.unseal(sealed, channel.new_key()) is None
-    assert channel.unseal(b'{"a": 1}\n' + b"0" * 64 + b"\n", key) is None
 
 
 def test_os_exit_zero_is_an_error_never_a_pass(make_notebook):
@@ -106,7 +96,7 @@ def test_os_exit_zero_is_an_error_never_a_pass(make_notebook):
     rep = grade(make_notebook([(src, ["graded"]), (GOOD_SPIN, ["graded"])]))
     got = result(rep, "mean_values")
     assert got["status"] == "error" and got["points"] == 0
-    assert "exit code 0" in got["message"] and "without reporting a result" in got["message"], got["message"]
+    assert "exit code 0" in got["message"] and "in the middle of a call" in got["message"], got["message"]
 
 
 # ------------------------------------------------------------------------------------------- integrity rules
@@ -328,11 +318,14 @@ def test_output_flood_is_capped_and_never_hits_the_disk(make_notebook, tmp_path,
     def watch() -> None:
         while not stop.is_set():
             size = 0
-            for p in temp.rglob("*"):
-                try:
-                    size += p.stat().st_size if p.is_file() else 0
-                except OSError:
-                    pass
+            try:
+                for p in temp.rglob("*"):
+                    try:
+                        size += p.stat().st_size if p.is_file() else 0
+                    except OSError:
+                        pass
+            except OSError:  # a worker folder removed while walking it
+                pass
             peak[0] = max(peak[0], size)
             time.sleep(0.01)
 

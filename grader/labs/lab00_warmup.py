@@ -131,13 +131,17 @@ def kv_cache_speedup(learner: Learner, ctx: Context) -> Outcome:
 
     model, new = ctx.model(), 64
     ((_, prompt),) = corpus_prompts(ctx, 1, (32, 32), "speed")
-    fn = learner.fn(FN)
+    fn, outputs = learner.fn(FN), {"reference": [], "yours": []}
     timing = paired_benchmark(
-        lambda: reference_greedy(model, prompt, new),
-        lambda: fn(model, list(prompt), new, None),
+        lambda: outputs["reference"].append(reference_greedy(model, prompt, new)),
+        lambda: outputs["yours"].append(fn(model, list(prompt), new, None)),
         repeats=3 if ctx.quick else 5,
         device=model.device,
     )
+    want = outputs["reference"][0]
+    for k, got in enumerate(outputs["yours"]):  # a time counts only for a run that decoded right
+        compare_tokens(want, token_list(got, FN, f"timed run {k + 1}"), f"timed run {k + 1} (prompt {len(prompt)} "
+                       f"tokens, {new} new)", model, prompt, FIRST, LATER, LENGTH)
     probe = CountingModel(model)
     fn(probe, list(prompt), new, None)
     uncached = sum(len(prompt) + i for i in range(new))
