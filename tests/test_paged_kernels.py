@@ -6,6 +6,7 @@ caches start random (never zeros), so a store to the wrong slot or a read of the
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -144,6 +145,19 @@ def test_out_defaults_to_a_new_tensor():
         out = fn(q, k_cache, v_cache, tables, seq_lens, 0.125)
         assert out.shape == q.shape and out.dtype == q.dtype
         torch.testing.assert_close(out, want, **TOL[BF16])
+
+
+def test_bench_script_smoke(tmp_path, capsys):
+    """scripts/bench_paged.py in its CPU mode: one tiny shape through the interpreter, checked, table and JSON."""
+    spec = importlib.util.spec_from_file_location("bench_paged", ROOT / "scripts" / "bench_paged.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "r.json"
+    assert bench.main(["--smoke", "--json", str(out)]) == 0
+    assert "paged_decode_split" in capsys.readouterr().out
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["method"].split()[0] for r in rows} == {"paged_decode", "paged_decode_split", "sdpa"}
+    assert all(r["max_abs_err"] < 1e-4 for r in rows)
 
 
 COMPILE_FOR_SM90 = """
