@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import random
-import sys
 import types
 
 import pytest
@@ -17,15 +16,20 @@ from servelab.engine import StepClock
 from servelab.kv_cache import ContiguousKVCache
 from servelab.model import CausalLM
 from servelab.paged import memory
-from servelab.paged.block_manager import BlockManager, blocks_for
-from servelab.paged.cache import PagedKVCache, PagedView
-from servelab.paged.engine import paged_continuous_batching
+from servelab.paged.cache import PagedKVCache, PagedView, blocks_for
+from servelab.reference import paged as solution
+from servelab.reference.paged import BlockManager, kv_usage, paged_continuous_batching
 from servelab.reference.batching import continuous_batching
 from servelab.reference.warmup import greedy_decode
 from servelab.workloads import Request, log_uniform, make_trace, poisson, standard_trace, uniform
 
 
 # ----------------------------------------------------------------------------- block manager
+def slots_of(bm: BlockManager, seq: int) -> list[int]:
+    table, bs = bm.block_table(seq), bm.block_size
+    return [table[p // bs] * bs + p % bs for p in range(bm.num_tokens(seq))]
+
+
 def check_invariants(bm: BlockManager) -> None:
     owners = [0] * bm.num_blocks
     for seq, table in bm.tables.items():
@@ -63,7 +67,7 @@ def test_block_manager_random_walk(seed):
             if bm.can_allocate(n):
                 bm.allocate(next_id, n)
                 history[next_id] = []
-                for slot in bm.slot_mapping(next_id):
+                for slot in slots_of(bm, next_id):
                     cells[slot] = (next_id, len(history[next_id]), rng.random())
                     history[next_id].append(cells[slot])
                 next_id += 1
@@ -87,7 +91,7 @@ def test_block_manager_random_walk(seed):
             bm.free(seq)
             if bm.can_allocate(n):
                 bm.allocate(seq, n)
-                for slot, value in zip(bm.slot_mapping(seq), history[seq]):
+                for slot, value in zip(slots_of(bm, seq), history[seq]):
                     cells[slot] = value
             else:
                 del history[seq]
@@ -98,7 +102,7 @@ def test_block_manager_random_walk(seed):
         check_invariants(bm)
         assert min(bm.ref_counts) >= 0
         for seq in bm.tables:
-            assert [cells[s] for s in bm.slot_mapping(seq)] == history[seq], f"sequence {seq} was overwritten"
+            assert [cells[s] for s in slots_of(bm, seq)] == history[seq], f"sequence {seq} was overwritten"
     for seq in list(bm.tables):
         bm.free(seq)
     assert bm.num_free_blocks == bm.num_blocks and not any(bm.ref_counts), "blocks leaked"
@@ -106,7 +110,7 @@ def test_block_manager_random_walk(seed):
 
 def test_block_manager_slots_and_errors():
     bm = BlockManager(num_blocks=4, block_size=4)
-    assert bm.allocate(7, 5) == [0, 1] and bm.slot_mapping(7) == [0, 1, 2, 3, 4]
+    assert bm.allocate(7, 5) == [0, 1] and slots_of(bm, 7) == [0, 1, 2, 3, 4]
     assert [bm.append_slot(7) for _ in range(4)] == [5, 6, 7, 8]  # block 2 is taken only for the 9th token
     assert bm.block_table(7) == [0, 1, 2] and bm.num_free_blocks == 1
     bm.fork(7, 8)
@@ -128,10 +132,21 @@ def test_block_manager_slots_and_errors():
 
 
 # ----------------------------------------------------------------------------- the paged cache
-def scattered_cache(backend="torch", num_blocks=24, block_size=4, layers=2, dtype=torch.float32) -> PagedKVCache:
-    cache = PagedKVCache(layers, num_blocks, block_size, num_kv_heads=2, head_dim=8, dtype=dtype, backend=backend)
-    random.Random(0).shuffle(cache.blocks.free_blocks)  # tables out of order: indexing bugs cannot hide
-    return cache
+class Paged:
+    """A paged cache and the block manager that says who holds which block, as an engine pairs them."""
+
+    def __init__(self, cache: PagedKVCache, blocks: BlockManager):
+        self.cache, self.blocks = cache, blocks
+
+    def rows(self, seq_ids: list[int]) -> PagedView:
+        return self.cache.view([self.blocks.block_table(s) for s in seq_ids], self.blocks.take_copies())
+
+
+def scattered_cache(kernels=None, num_blocks=24, block_size=4, layers=2, dtype=torch.float32) -> Paged:
+    cache = PagedKVCache(layers, num_blocks, block_size, num_kv_heads=2, head_dim=8, dtype=dtype, kernels=kernels)
+    blocks = BlockManager(num_blocks, block_size)
+    random.Random(0).shuffle(blocks.free_blocks)  # tables out of order: indexing bugs cannot hide
+    return Paged(cache, blocks)
 
 
 def run_steps(view, layers: int, steps: list[torch.Tensor], seed: int = 0) -> list[torch.Tensor]:
@@ -156,8 +171,8 @@ def prefill_then_decode(lens: list[int], decode_steps: int) -> list[torch.Tensor
 
 @pytest.fixture
 def fake_kernels(monkeypatch):
-    """servelab.paged.kernels stand-in written in PyTorch: checks the triton backend's wiring, not kernels."""
-    fake = types.ModuleType("servelab.paged.kernels")
+    """Kernels written in PyTorch, passed as the cache's kernels: checks the kernel path's wiring, not kernels."""
+    fake = types.ModuleType("fake_kernels")
     fake.calls = {"store_kv": 0, "paged_decode": 0}
 
     def store_kv(k, v, k_cache, v_cache, slot_mapping):
@@ -179,14 +194,13 @@ def fake_kernels(monkeypatch):
         return torch.einsum("bhs,bshd->bhd", probs, vals.repeat_interleave(group, 2))
 
     fake.store_kv, fake.paged_decode = store_kv, paged_decode
-    monkeypatch.setitem(sys.modules, "servelab.paged.kernels", fake)
     return fake
 
 
 @pytest.mark.parametrize("backend", ["torch", "fake-triton"])
 def test_paged_attention_equals_the_contiguous_cache(backend, fake_kernels):
     lens, seq_ids, steps = [5, 11, 1], [3, 0, 9], 6
-    cache = scattered_cache("triton" if backend == "fake-triton" else "torch")
+    cache = scattered_cache(fake_kernels if backend == "fake-triton" else None)
     for seq, n in zip(seq_ids, lens):
         cache.blocks.allocate(seq, n + steps)
     expected = run_steps(ContiguousKVCache(2, 3, 32, 2, 8).rows([2, 0, 1]), 2, prefill_then_decode(lens, steps))
@@ -198,7 +212,7 @@ def test_paged_attention_equals_the_contiguous_cache(backend, fake_kernels):
 
 
 def test_plan_builds_the_block_tables_and_slot_mapping():
-    cache = PagedKVCache(1, 8, 4, 2, 8)
+    cache = Paged(PagedKVCache(1, 8, 4, 2, 8), BlockManager(8, 4))
     cache.blocks.free_blocks = [0, 1, 2, 3, 4, 5, 7, 6]  # pop() hands out 6, 7, 5, ...
     cache.blocks.allocate(1, 6)
     cache.blocks.allocate(2, 2)
@@ -208,18 +222,17 @@ def test_plan_builds_the_block_tables_and_slot_mapping():
     assert meta.k_pos.tolist() == [[0, 1, 2, 3, 4, 5, -1, -1], [0, 1] + [-1] * 6] and not meta.dense
     (dev,) = meta.to(torch.device("cpu"))
     assert dev.block_tables.dtype == dev.seq_lens.dtype == torch.int32  # what the kernels take
-    with pytest.raises(ValueError, match="position 6 of sequence 1 has no slot"):
-        cache.rows([1]).plan(torch.tensor([[6]]))
-    with pytest.raises(ValueError, match="repeat"):
-        cache.rows([1, 1])
+    with pytest.raises(ValueError, match="row 0: position 8 has no slot"):
+        cache.rows([1]).plan(torch.tensor([[8]]))
+    with pytest.raises(ValueError, match="out of range"):
+        cache.cache.view([[8]])
 
 
 def test_the_real_triton_kernels_match_the_torch_backend():
-    pytest.importorskip("servelab.paged.kernels")
     lens, steps = [3, 9], 2
     results = []
-    for backend in ("torch", "triton"):
-        cache = scattered_cache(backend, num_blocks=8, layers=1)
+    for kernels in (None, solution):  # PyTorch, then the solution's Triton kernels (the interpreter here)
+        cache = scattered_cache(kernels, num_blocks=8, layers=1)
         for seq, n in enumerate(lens):
             cache.blocks.allocate(seq, n + steps)
         results.append(run_steps(cache.rows([0, 1]), 1, prefill_then_decode(lens, steps)))
@@ -239,14 +252,13 @@ def test_paged_backend_is_decided_in_one_place(monkeypatch):
     monkeypatch.setenv(device.PAGED_BACKEND_ENV, "cuda")
     with pytest.raises(device.DeviceError, match="SERVELAB_PAGED_BACKEND='cuda'.*torch, triton"):
         device.paged_backend()
-    monkeypatch.delenv(device.PAGED_BACKEND_ENV)
-    assert PagedKVCache(1, 2, 4, 1, 8).backend == "torch"
 
 
 @pytest.mark.parametrize("backend", ["torch", "fake-triton"])
 def test_no_host_sync_inside_layers(monkeypatch, backend, fake_kernels):
     model = tiny_model()
-    cache = PagedKVCache.for_model(model, 32, 4, "triton" if backend == "fake-triton" else "torch")
+    cache = Paged(PagedKVCache.for_model(model, 32, 4, fake_kernels if backend == "fake-triton" else None),
+                  BlockManager(32, 4))
     cache.blocks.allocate(0, 5)
     cache.blocks.allocate(1, 3)
     ids, pos = torch.randint(0, 97, (2, 5)), torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]])
@@ -278,14 +290,13 @@ def test_paged_steps_never_sync_on_a_gpu(backend):
     """On CUDA: a padded prefill and decode steps through the paged cache run under sync-debug mode 'error'."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
-    if backend == "triton":
-        pytest.importorskip("servelab.paged.kernels")
     ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(0))
     pos = torch.tensor([[0, 1, 2, 3, 4], [-1, -1, 0, 1, 2]])
     logits = {}
     for dev in ("cuda", "cpu"):
         model = tiny_model(dev)
-        cache = PagedKVCache.for_model(model, 32, 4, backend if dev == "cuda" else "torch")
+        kernels = solution if backend == "triton" and dev == "cuda" else None
+        cache = Paged(PagedKVCache.for_model(model, 32, 4, kernels), BlockManager(32, 4))
         cache.blocks.allocate(0, 5)
         cache.blocks.allocate(1, 3)
         model(ids, pos, cache.rows([0, 1]))  # warm-up (first-call allocations may sync); rewrites the same K/V
@@ -314,7 +325,14 @@ def small_trace(model, n=10, seed=0):
 @pytest.fixture
 def spy(monkeypatch):
     """Records the caches the engine builds, its forwards, its plans, and the metadata every attend gets."""
-    seen = types.SimpleNamespace(caches=[], forwards=0, plans=0, metas=[])
+    seen = types.SimpleNamespace(caches=[], managers=[], forwards=0, plans=0, metas=[])
+
+    class Recorded(BlockManager):
+        def __init__(self, *a):
+            super().__init__(*a)
+            seen.managers.append(self)
+
+    monkeypatch.setattr(solution, "BlockManager", Recorded)
     for_model, forward, plan, attend = PagedKVCache.for_model.__func__, CausalLM.forward, PagedView.plan, PagedView.attend
 
     def spy_for_model(cls, *a):
@@ -358,7 +376,7 @@ def test_paged_engine_equals_decoding_alone(model, spy, num_blocks):
     for r in trace.requests:
         if r.id not in rejected:
             assert run.completions[r.id].tokens == greedy_decode(model, r.prompt_ids, r.max_new_tokens, eos), r.id
-    assert spy.caches[0].blocks.num_free_blocks == num_blocks, "blocks leaked"
+    assert spy.managers[0].num_free_blocks == num_blocks, "blocks leaked"
     assert all(u <= r <= num_blocks * 4 for u, r in zip(run.kv_tokens_used, run.kv_tokens_reserved))
     assert spy.plans == engine_forwards and len(spy.metas) == L * engine_forwards  # one plan per forward
     assert all(len({id(m) for m in spy.metas[i:i + L]}) == 1 for i in range(0, len(spy.metas), L))
@@ -384,8 +402,8 @@ def test_paged_memory_waste_is_small_and_more_sequences_fit(model):
     trace = standard_trace("skewed", encode=servelab.load_tokenizer(), scale=0.25)
     contiguous_run = continuous_batching(model, trace.requests, 8, 256, None, StepClock(), max_len=1024)
     bpt = memory.kv_bytes_per_token(model.config, model.dtype)
-    contiguous = memory.contiguous_memory(contiguous_run, trace.requests, 1024, bpt)
-    paged = memory.paged_memory(contiguous_run, trace.requests, 4, bpt)
+    contiguous = memory.KVMemory("contiguous", *kv_usage(contiguous_run, trace.requests, 1024), bpt)
+    paged = memory.KVMemory("paged", *kv_usage(contiguous_run, trace.requests, 1024, 4), bpt)
     assert paged.waste_fraction < 0.04 and contiguous.waste_fraction > 0.9, (paged.summary(), contiguous.summary())
     # the paged engine runs the same schedule and records the same memory itself
     budget = 8 * 1024 * bpt  # the contiguous cache's bytes

@@ -4,69 +4,61 @@ Per layer one tensor ``k`` and one ``v`` of layout [num_blocks, block_size, num_
 layout the lab's Triton kernels read). A sequence holds only the blocks its tokens fill, so the cache wastes
 at most one partly filled block per sequence instead of ``max_len - length`` tokens (``ContiguousKVCache``).
 
-Attention runs on one of two backends, picked by ``servelab.device.paged_backend()``: "torch" (gather the
-blocks, plain PyTorch attention; the reference) or "triton" (``servelab.paged.kernels``).
+Who owns which block is not the cache's business: the engine's block manager (the lab's exercise) decides,
+and each step hands the view the rows' block tables. Attention runs on plain PyTorch (gather the blocks, the
+reference), or on kernels the engine passes in (``kernels.store_kv`` and ``kernels.paged_decode``: the lab's
+Triton kernels); ``servelab.device.paged_backend()`` is the one place that says which a machine should use.
 """
 from __future__ import annotations
 
-import importlib
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from types import ModuleType
 
 import torch
 
 from servelab.attention import CausalMask, causal_mask, reference_attention
 from servelab.attention_metadata import AttentionMetadata
-from servelab.device import PAGED_BACKENDS, paged_backend
 from servelab.kv_cache import KVCache
-from servelab.paged.block_manager import BlockManager, blocks_for
 
-KERNELS = "servelab.paged.kernels"
+
+def blocks_for(num_tokens: int, block_size: int) -> int:
+    """Blocks needed to hold ``num_tokens`` tokens."""
+    return -(-num_tokens // block_size)
 
 
 class PagedKVCache:
-    """K/V blocks of every layer, and the block manager that says which sequence owns which block."""
+    """K/V blocks of every layer. ``kernels``: an object with ``store_kv`` and ``paged_decode`` (e.g. the
+    lab's Triton kernels) used for writes and decode steps; None: plain PyTorch."""
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", backend: str | None = None):
-        self.blocks = BlockManager(num_blocks, block_size)
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", kernels=None):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"a paged cache needs num_blocks >= 1 and block_size >= 1, got {num_blocks}, {block_size}")
         shape = (num_blocks, block_size, num_kv_heads, head_dim)
         # zeros, not empty: a key past a sequence's end is masked out, but NaN garbage would survive the mask
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.backend = backend or paged_backend(device)
-        if self.backend not in PAGED_BACKENDS:
-            raise ValueError(f"unknown paged-attention backend {self.backend!r}: use one of {PAGED_BACKENDS}")
-        self.kernels = load_kernels() if self.backend == "triton" else None
+        self.num_blocks, self.block_size, self.kernels = num_blocks, block_size, kernels
 
     @classmethod
-    def for_model(cls, model, num_blocks: int, block_size: int, backend: str | None = None) -> PagedKVCache:
+    def for_model(cls, model, num_blocks: int, block_size: int, kernels=None) -> PagedKVCache:
         c = model.config
-        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, model.dtype, model.device, backend)
-
-    @property
-    def block_size(self) -> int:
-        return self.blocks.block_size
+        return cls(c.num_layers, num_blocks, block_size, c.num_kv_heads, c.head_dim, model.dtype, model.device, kernels)
 
     @property
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
-    def rows(self, seq_ids: Sequence[int]) -> PagedView:
-        """The cache as seen by a batch whose row i is sequence ``seq_ids[i]`` (its blocks must be allocated)."""
-        return PagedView(self, [int(s) for s in seq_ids])
-
-
-def load_kernels() -> ModuleType:
-    try:
-        return importlib.import_module(KERNELS)
-    except ModuleNotFoundError as err:
-        if err.name != KERNELS:
-            raise
-        raise ModuleNotFoundError(f"backend 'triton' needs {KERNELS} (store_kv, paged_decode), which is not "
-                                  "there yet: use backend='torch'", name=KERNELS) from None
+    def view(self, block_tables: Sequence[Sequence[int]], copies: Sequence[tuple[int, int]] = ()) -> PagedView:
+        """The cache as seen by one batch: row i's tokens live in the blocks ``block_tables[i]`` (position p in
+        block ``table[p // block_size]`` at offset ``p % block_size``). ``copies``: (src, dst) block copies
+        to make before this step writes (a block manager's copy on write)."""
+        tables = [[int(b) for b in t] for t in block_tables]
+        bad = [b for t in tables for b in t if not 0 <= b < self.num_blocks]
+        if bad:
+            raise ValueError(f"block ids {bad[:5]} out of range: this cache has {self.num_blocks} blocks")
+        return PagedView(self, tables, [(int(a), int(b)) for a, b in copies])
 
 
 @dataclass
@@ -93,23 +85,22 @@ class PagedMetadata(AttentionMetadata):
 
 
 class PagedView(KVCache):
-    def __init__(self, cache: PagedKVCache, seq_ids: list[int]):
-        if len(set(seq_ids)) != len(seq_ids):
-            raise ValueError(f"sequence ids {seq_ids} repeat: two rows of one batch cannot share a sequence")
-        self.cache, self.seq_ids = cache, seq_ids
+    def __init__(self, cache: PagedKVCache, tables: list[list[int]], copies: list[tuple[int, int]]):
+        self.cache, self.tables, self.copies = cache, tables, copies
 
     def plan(self, positions: torch.Tensor) -> PagedMetadata:
+        """Once per step, on the host: slot mapping, block tables and lengths for every layer."""
         B, T = positions.shape
-        if B != len(self.seq_ids):
-            raise ValueError(f"batch has {B} rows but the cache view has {len(self.seq_ids)} sequences")
-        blocks, bs = self.cache.blocks, self.cache.block_size
+        if B != len(self.tables):
+            raise ValueError(f"batch has {B} rows but the cache view has {len(self.tables)} block tables")
+        bs = self.cache.block_size
         seq_lens = (positions.max(dim=1).values + 1).clamp(min=0)
         tables = []
-        for row, (seq, n) in enumerate(zip(self.seq_ids, seq_lens.tolist())):
-            if n > blocks.num_tokens(seq):
-                raise ValueError(f"row {row}: position {n - 1} of sequence {seq} has no slot, the sequence holds "
-                                 f"{blocks.num_tokens(seq)} tokens: allocate / append_slot before the step")
-            tables.append(blocks.block_table(seq)[:blocks_for(n, bs)])
+        for row, (table, n) in enumerate(zip(self.tables, seq_lens.tolist())):
+            if n > len(table) * bs:
+                raise ValueError(f"row {row}: position {n - 1} has no slot: its block table {table[:8]} holds "
+                                 f"{len(table) * bs} tokens; give the sequence a block before the step")
+            tables.append(table[:blocks_for(n, bs)])
         block_tables = torch.zeros(B, max([1, *map(len, tables)]), dtype=torch.long)
         for row, table in enumerate(tables):
             block_tables[row, :len(table)] = torch.tensor(table, dtype=torch.long)
@@ -117,7 +108,7 @@ class PagedView(KVCache):
         slot_mapping = torch.where(real, block_tables.gather(1, pos // bs) * bs + pos % bs, -1).flatten()
         write_index = real.flatten().nonzero().flatten()  # on the host: no GPU sync
         span = torch.arange(block_tables.shape[1] * bs).expand(B, -1)
-        copies = torch.tensor(blocks.take_copies(), dtype=torch.long).reshape(-1, 2)
+        copies = torch.tensor(self.copies, dtype=torch.long).reshape(-1, 2)
         return PagedMetadata(positions, slot_mapping=slot_mapping, write_index=write_index,
                              write_slot=slot_mapping[write_index], block_tables=block_tables, seq_lens=seq_lens,
                              k_pos=torch.where(span < seq_lens[:, None], span, -1), copy_src=copies[:, 0],

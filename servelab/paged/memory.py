@@ -1,8 +1,7 @@
-"""KV memory accounting: what the contiguous slot cache and the paged cache reserve vs what they use.
+"""KV memory accounting: what a cache reserves vs what it uses, step by step (lab 02 measures both).
 
-Both layouts are measured on the same schedule (an engine run's occupancy), so the only difference is the
-layout: a contiguous slot reserves ``max_len`` tokens for the whole run, a paged sequence reserves its
-blocks, at most one partly filled. "Used" is the K/V of tokens a live sequence actually holds.
+A contiguous slot reserves ``max_len`` tokens for the whole run, a paged sequence reserves its blocks, at
+most one partly filled. "Used" is the K/V of tokens a live sequence actually holds.
 """
 from __future__ import annotations
 
@@ -12,9 +11,7 @@ from itertools import cycle
 
 import torch
 
-from servelab.engine import EngineRun
-from servelab.paged.block_manager import blocks_for
-from servelab.workloads import Request
+from servelab.paged.cache import blocks_for
 
 MIB = 2**20
 
@@ -51,33 +48,6 @@ class KVMemory:
         """Mean MiB per step as {"used", "wasted"}, for ``servelab.plots.memory_bars``."""
         s = self.summary()
         return {"used": s["mean_used_mib"], "wasted": s["mean_reserved_mib"] - s["mean_used_mib"]}
-
-
-def live_lengths(run: EngineRun, requests: Sequence[Request]) -> list[list[int]]:
-    """Per step, the tokens each live sequence holds: its prompt at admission, one more every later step."""
-    if getattr(run, "preemptions", 0):
-        raise ValueError("live_lengths reads occupancy, which does not say what a re-admitted sequence re-prefilled; "
-                         "use paged_run_memory for a run with preemptions")
-    prompt = {r.id: r.prompt_len for r in requests}
-    per_step: list[list[int]] = [[] for _ in range(run.steps)]
-    for o in run.occupancy:
-        for step in range(o.start, o.end):
-            per_step[step].append(prompt[o.request_id] + step - o.start)
-    return per_step
-
-
-def contiguous_memory(run: EngineRun, requests: Sequence[Request], max_len: int, bytes_per_token: int) -> KVMemory:
-    """Every one of the run's slots reserves ``max_len`` tokens from start to end (ContiguousKVCache)."""
-    lengths = live_lengths(run, requests)
-    return KVMemory("contiguous", [sum(ls) for ls in lengths], [run.num_slots * max_len] * len(lengths),
-                    bytes_per_token)
-
-
-def paged_memory(run: EngineRun, requests: Sequence[Request], block_size: int, bytes_per_token: int) -> KVMemory:
-    """The same schedule in a paged cache: each live sequence reserves only the blocks its tokens fill."""
-    lengths = live_lengths(run, requests)
-    return KVMemory("paged", [sum(ls) for ls in lengths],
-                    [sum(blocks_for(n, block_size) * block_size for n in ls) for ls in lengths], bytes_per_token)
 
 
 def paged_run_memory(run, bytes_per_token: int) -> KVMemory:
