@@ -205,12 +205,23 @@ class RemoteFunction:
         self.worker, self.target, self.__name__ = worker, target, name
 
     def __call__(self, *args, **kwargs):
+        return self.call(args, kwargs, echo=False)[0]
+
+    def call(self, args: tuple, kwargs: dict, echo: bool) -> tuple:
+        """(value, args after the call): ``echo`` brings back the arguments as the call left them, for
+        functions that write into their arguments (a kernel's output buffer, a cache)."""
         handles = Handles(self.worker)
         encode = Encoder(handle=handles)
         reply = self.worker.request({"op": "call", "target": self.target, "args": encode(list(args)),
-                                     "kwargs": encode(kwargs)})
+                                     "kwargs": encode(kwargs), "echo": echo})
         handles.apply(reply.get("state"))
-        return self.worker_value(self.worker, reply, self.__name__)
+        value = self.worker_value(self.worker, reply, self.__name__)
+        if not echo:
+            return value, args
+        after = self.worker_value(self.worker, {"value": reply.get("args")}, self.__name__)
+        if not isinstance(after, list) or len(after) != len(args):
+            raise self.worker._garbled("the arguments sent back do not match the call")
+        return value, tuple(after)
 
     @staticmethod
     def worker_value(worker: Worker, reply: dict, name: str):

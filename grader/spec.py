@@ -106,6 +106,16 @@ def missing_function(name: str, defined: list[str], load_errors: list[str]) -> s
     return msg
 
 
+def call_in_place(fn: Callable, *args) -> tuple[Any, tuple]:
+    """(what ``fn(*args)`` returned, the arguments as it left them): for learner functions that write into
+    their arguments (a kernel's ``out``, a KV cache). A learner function in a worker sends them back
+    (``grader.remote``); one in this process changed the objects themselves."""
+    remote_call = getattr(fn, "call", None)
+    if callable(remote_call) and type(fn).__name__ == "RemoteFunction":
+        return remote_call(args, {}, echo=True)
+    return fn(*args), args
+
+
 @dataclass
 class Context:
     """Everything a criterion may use besides the learner's code: device, randomness, shared model."""

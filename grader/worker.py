@@ -91,6 +91,8 @@ class Server:
                 value = fn(*args, **kwargs)
                 self.synchronize()  # the harness times the whole call: the GPU's work is part of it
             reply = {"value": Encoder(ref=self.ref)(value)}
+            if message.get("echo"):  # the arguments as the call left them (in-place kernels)
+                reply["args"] = Encoder(ref=self.ref)(args)
         except BaseException as err:  # noqa: BLE001 - the learner's exception is the answer
             reply = {"raised": describe(err)}
         reply["state"] = {k: state(obj) for k, obj in made.items()}

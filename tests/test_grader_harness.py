@@ -259,3 +259,21 @@ def test_the_grader_criteria_run_in_the_harness_process():
     hidden = hidden_paths(forbidden)
     assert str(GRADER_DIR / "labs") in hidden and any(p.endswith("reference/batching.py") for p in hidden)
     assert not any(p.endswith("reference/warmup.py") for p in hidden)  # an earlier lab's reference stays
+
+
+def test_a_function_that_writes_into_its_arguments_sends_them_back():
+    from grader.spec import call_in_place
+
+    src = "def fill(out, value):\n    out.fill_(value)\n    return None\n"
+    worker = start_worker(src)
+    try:
+        buf = torch.full((2, 3), float("nan"))
+        value, (after, _) = call_in_place(remote.RemoteLearner(worker).fn("fill"), buf, 4.0)
+    finally:
+        worker.close()
+    assert value is None and torch.equal(after, torch.full((2, 3), 4.0))
+    assert buf.isnan().all()  # the harness's own tensor is untouched: only the worker's copy was written
+    local = {}
+    exec(src, local)
+    value, (after, _) = call_in_place(local["fill"], buf, 2.0)
+    assert after is buf and torch.equal(buf, torch.full((2, 3), 2.0))
