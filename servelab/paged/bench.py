@@ -3,6 +3,7 @@ timer, and one shape's table (used by ``scripts/bench_paged.py`` and the lab not
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -89,3 +90,36 @@ def bench_shape(batch, context, dtype, device, heads, copy_bw, decode, decode_sp
             "max_abs_err": float((got.float() - expected.float()).abs().max()),
         })
     return rows
+
+
+@dataclass
+class Problem:
+    """A decode-attention problem built from a recipe: the same tensors wherever it is built (seeded)."""
+
+    q: torch.Tensor  # [repeat, B, Hq, D]: a fresh query for every timed call
+    k_cache: torch.Tensor  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor
+    block_tables: torch.Tensor  # [B, max_blocks] int32, blocks scattered in random order
+    seq_lens: torch.Tensor  # [B] int32
+    scale: float
+    repeat: int
+
+    def args(self, i: int) -> tuple:
+        return self.q[i], self.k_cache, self.v_cache, self.block_tables, self.seq_lens, self.scale
+
+    @property
+    def bytes_per_call(self) -> int:
+        """K/V of every sequence's tokens, plus the query: what a decode kernel must read at least."""
+        kv = 2 * int(self.seq_lens.sum()) * self.k_cache.shape[2] * self.k_cache.shape[3]
+        return (kv + self.q[0].numel()) * self.k_cache.element_size()
+
+
+def build_problem(recipe: dict, device) -> Problem:
+    """``recipe``: batch, context, num_q_heads, num_kv_heads, head_dim, block_size, dtype (name), seed, repeat."""
+    r, device = dict(recipe), torch.device(device)
+    dtype = getattr(torch, r["dtype"])
+    q, k_cache, v_cache, tables, lens = make_problem(r["batch"], r["context"], r["num_q_heads"], r["num_kv_heads"],
+                                                     r["head_dim"], r["block_size"], dtype, device, seed=r["seed"])
+    g = torch.Generator(device=device).manual_seed(r["seed"] + 1)
+    qs = torch.randn(r["repeat"], *q.shape, generator=g, device=device).to(dtype)
+    return Problem(qs, k_cache, v_cache, tables, lens, r["head_dim"] ** -0.5, r["repeat"])
