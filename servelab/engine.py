@@ -145,8 +145,15 @@ class PagedEngineRun(EngineRun):
     preemptions: int = 0  # times a running sequence gave its blocks back to make room
     kv_tokens_used: list[int] = field(default_factory=list)  # per step: tokens the live sequences hold
     kv_tokens_reserved: list[int] = field(default_factory=list)  # per step: blocks in use * block_size
+    prompt_tokens: int = 0  # prefix caching: tokens of the contexts admitted (re-admissions count again)
+    prefix_hit_tokens: int = 0  # prefix caching: those of them served from cached blocks instead of computed
 
     @property
     def kv_waste_fraction(self) -> float:
         """Share of the reserved KV memory (token-steps) that held no token: the last blocks' empty tails."""
         return 1 - sum(self.kv_tokens_used) / max(1, sum(self.kv_tokens_reserved))
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of the admitted context tokens whose K/V came from the prefix cache (0 without one)."""
+        return self.prefix_hit_tokens / max(1, self.prompt_tokens)

@@ -23,7 +23,8 @@ def tiny_gpu_problem(monkeypatch):
 
     monkeypatch.setattr(lab02, "GPU_HEADS", dict(num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16,
                                                   dtype="bfloat16"))
-    monkeypatch.setattr(lab02, "GPU_SHAPES", {"paged_decode": (2, 40), "paged_decode_split": (2, 70)})
+    monkeypatch.setattr(lab02, "GPU_SHAPES", {"paged_decode": (2, 40), "paged_decode_split": (2, 70), "long": (1, 90)})
+    monkeypatch.setattr(lab02, "_sdpa_per_call", lambda problem, device: 1e9)  # timed for real on a GPU only
     monkeypatch.setattr(lab02, "GPU_REPEAT", 4)
     monkeypatch.setattr(bench, "copy_bandwidth", lambda device: 1.0)
 
@@ -51,3 +52,20 @@ def test_a_wrong_timed_output_fails_the_bandwidth_criterion(tiny_gpu_problem):
     wrong["paged_decode"] = lambda q, *rest, **kw: solution.paged_decode(q * 0.5, *rest, **kw)  # fast and wrong
     res = run_criterion(lab02.LAB.get("paged_decode_bandwidth"), Learner(wrong), Context("02_paged_attention", seed=1))
     assert res.status == "failed" and "timed call" in res.message, res.message
+
+
+def test_the_sdpa_baseline_runs_and_agrees_with_the_reference():
+    """The GPU criteria's PyTorch baseline, on a tiny CPU problem: it runs, and it computes the same attention."""
+    import torch
+    import torch.nn.functional as F
+
+    from servelab.paged.bench import build_problem, sdpa_inputs
+    from servelab.paged.reference import paged_decode_reference
+
+    recipe = dict(num_q_heads=4, num_kv_heads=2, head_dim=64, block_size=16, dtype="float32", batch=2, context=40,
+                  seed=3, repeat=2)
+    problem = build_problem(recipe, "cpu")
+    assert lab02._sdpa_per_call(problem, "cpu") > 0
+    _, k, v = sdpa_inputs(problem.q[1], problem.k_cache, problem.v_cache, problem.block_tables, 40)
+    got = F.scaled_dot_product_attention(problem.q[1][:, :, None], k, v, scale=problem.scale, enable_gqa=True)[:, :, 0]
+    torch.testing.assert_close(got, paged_decode_reference(*problem.args(1)), atol=1e-5, rtol=1e-5)

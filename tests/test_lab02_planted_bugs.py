@@ -16,7 +16,8 @@ CLASSIC = [
     ("BlockManager: no copy on write of a shared block",
      [("elif self.ref_counts[table[-1]] > 1:", "elif False:")], "block_manager_invariants", ""),
     ("BlockManager: freed blocks never return to the free list",
-     [("            self.free_blocks.append(block)", "            pass")], "block_manager_invariants", "num_free_blocks"),
+     [("        if self.ref_counts[block] == 0:\n            self.free_blocks.append(block)",
+       "        if self.ref_counts[block] == 0:\n            pass")], "block_manager_invariants", "num_free_blocks"),
     ("slot_mapping: padding gets a slot", [("torch.where(positions >= 0, slots, -1)", "slots")],
      "slot_mapping_layout", "got slot"),
     ("store_kv: K written into the V cache",
@@ -28,13 +29,16 @@ CLASSIC = [
     ("paged_decode: tokens past the sequence not masked",
      [("        s = tl.where(mask_n[None, :], s, float(\"-inf\"))", "        s = s")], "paged_decode_matches", "expected"),
     ("engine: a preempted sequence goes to the back of the queue",
-     [("waiting.appendleft((victim.request, victim.out))", "waiting.append((victim.request, victim.out))")],
+     [("                waiting.appendleft((victim.request, victim.out))\n                run.preemptions += 1\n"
+       "            if seq_id in running:\n                blocks.append_slot(seq_id)\n        budget = max_step_tokens - len(running)\n        admitted: list[Active] = []",
+       "                waiting.append((victim.request, victim.out))\n                run.preemptions += 1\n"
+       "            if seq_id in running:\n                blocks.append_slot(seq_id)\n        budget = max_step_tokens - len(running)\n        admitted: list[Active] = []")],
      "paged_engine_matches_alone", "FRONT"),
     ("engine: reserved memory counts every block of the cache",
-     [("run.kv_tokens_reserved.append((num_blocks - blocks.num_free_blocks) * block_size)",
-       "run.kv_tokens_reserved.append(num_blocks * block_size)")], "paged_kv_efficiency", "waste"),
+     [("run.kv_tokens_used.append(sum(blocks.lengths.values()))\n        run.kv_tokens_reserved.append((num_blocks - blocks.num_free_blocks) * block_size)",
+       "run.kv_tokens_used.append(sum(blocks.lengths.values()))\n        run.kv_tokens_reserved.append(num_blocks * block_size)")], "paged_kv_efficiency", "waste"),
     ("engine: admission capped at 8 sequences, as with lab 01's slots",
-     [("lanes = list(range(max_running - 1, -1, -1))", "lanes = list(range(min(max_running, 8) - 1, -1, -1))")],
+     [("lanes = list(range(max_running - 1, -1, -1))  # pop()", "lanes = list(range(min(max_running, 8) - 1, -1, -1))  # pop()")],
      "paged_concurrency", "below the 3.0x threshold"),
 ]
 
@@ -52,7 +56,10 @@ def test_classic_bug_fails_its_criterion(name, edits, criterion, words):
 
 
 def test_no_preemption_at_all_is_an_error_that_says_why():
-    learner = plant(solution, ("while seq_id in running and not blocks.can_append(seq_id):", "while False:"))
+    learner = plant(solution, ("        for seq_id in list(running):  # running sequences first: a slot for the token each feeds this step\n"
+                               "            while seq_id in running and not blocks.can_append(seq_id):",
+                               "        for seq_id in list(running):  # running sequences first: a slot for the token each feeds this step\n"
+                               "            while False:"))
     res = run_criterion(lab02.LAB.get("paged_engine_matches_alone"), learner, ctx("paged_engine_matches_alone"))
     assert res.status == "error" and "none is free" in res.message, res.message
 
