@@ -398,14 +398,17 @@ def _engine(learner: Learner, *args):
     return run
 
 
-def _check_kv_records(run, num_blocks: int, block_size: int, case: str) -> None:
+KV_RECORDS_HINT = "used: tokens the live sequences hold; reserved: blocks in use x block size"
+
+
+def _check_kv_records(run, num_blocks: int, block_size: int, case: str, hint: str = KV_RECORDS_HINT) -> None:
     if len(run.kv_tokens_used) != run.steps or len(run.kv_tokens_reserved) != run.steps:
         raise Fail(f"{case}: kv_tokens_used / kv_tokens_reserved have {len(run.kv_tokens_used)} / "
                    f"{len(run.kv_tokens_reserved)} entries; expected one per step ({run.steps})")
     for t, (u, r) in enumerate(zip(run.kv_tokens_used, run.kv_tokens_reserved)):
         if not 0 <= u <= r <= num_blocks * block_size or r % block_size:
             raise Fail(f"{case}: step {t} records {u} tokens used and {r} reserved with {num_blocks} blocks of "
-                       f"{block_size}", "used: tokens the live sequences hold; reserved: blocks in use x block size")
+                       f"{block_size}", hint)
 
 
 def _check_front_of_queue(run, requests, case: str) -> None:
