@@ -3,7 +3,7 @@
 What crosses, and how:
 - plain data (None, bools, numbers, strings, lists) as JSON; tuples, dicts and sets tagged (dict keys may
   be ints: ``EngineRun.completions``);
-- tensors as dtype, shape and raw bytes;
+- tensors as dtype, shape, raw bytes and device type (a CUDA tensor is rebuilt on CUDA where there is one);
 - servelab's records (``Request``, ``Completion``, ``EngineRun``, ...): their dataclass fields; the harness
   rebuilds the real class from them, so a learner's subclass cannot bring its own methods along;
 - the grader's own objects that learner code calls back (the model, probes, clocks) as handles: the worker
@@ -74,15 +74,17 @@ def _build_record(name: str, fields: dict) -> Any:
 def _encode_tensor(t) -> dict:
     import torch
 
+    device = t.device.type
     t = t.detach().as_subclass(torch.Tensor).cpu().contiguous()
     raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
-    return {"$tensor": [str(t.dtype).removeprefix("torch."), list(t.shape), base64.b64encode(raw).decode()]}
+    return {"$tensor": [str(t.dtype).removeprefix("torch."), list(t.shape), base64.b64encode(raw).decode(), device]}
 
 
 def _decode_tensor(spec: list):
     import torch
 
-    dtype_name, shape, data = spec
+    dtype_name, shape, data = spec[:3]
+    device = spec[3] if len(spec) > 3 else "cpu"  # a CUDA tensor comes back on CUDA where there is one
     dtype = getattr(torch, str(dtype_name), None)
     if not isinstance(dtype, torch.dtype) or not all(isinstance(s, int) and s >= 0 for s in shape):
         raise CodecError(f"not a tensor: dtype {dtype_name!r}, shape {shape!r}")
@@ -90,9 +92,8 @@ def _decode_tensor(spec: list):
     numel = math.prod(shape)
     if len(raw) != numel * torch.empty((), dtype=dtype).element_size():
         raise CodecError(f"tensor data of {len(raw)} bytes does not fit shape {shape} of {dtype_name}")
-    if not numel:
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape)
+    out = torch.frombuffer(raw, dtype=torch.uint8).view(dtype).reshape(shape) if numel else torch.empty(shape, dtype=dtype)
+    return out.to("cuda") if device == "cuda" and torch.cuda.is_available() else out
 
 
 # ----------------------------------------------------------------------------- encode / decode

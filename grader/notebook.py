@@ -236,7 +236,8 @@ def execute(cells: list[GradedCell], module_name: str = "learner") -> tuple[dict
 
 
 def signatures(nb: dict, names: tuple[str, ...]) -> dict[str, str]:
-    """`name -> "(args) -> returns"` for each graded function defined at the top of a code cell."""
+    """`name -> "(args) -> returns"` for each graded function defined at the top of a code cell; for a graded
+    class, its public methods' signatures."""
     out: dict[str, str] = {}
     for cell in nb["cells"]:
         if cell.get("cell_type") != "code":
@@ -249,4 +250,8 @@ def signatures(nb: dict, names: tuple[str, ...]) -> dict[str, str]:
             if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name in names:
                 ret = f" -> {ast.unparse(n.returns)}" if n.returns else ""
                 out[n.name] = f"({ast.unparse(n.args)}){ret}"
+            elif isinstance(n, ast.ClassDef) and n.name in names:
+                methods = [m for m in n.body if isinstance(m, (ast.FunctionDef, ast.AsyncFunctionDef))
+                           and (m.name == "__init__" or not m.name.startswith("_"))]
+                out[n.name] = "; ".join(f"{m.name}({ast.unparse(m.args)})" for m in methods)
     return out

@@ -4,7 +4,8 @@
                                 ->  servelab/reference/<module>.py  (the graded cells' code, for later labs)
 
 Inside a graded cell, the lines between ``### BEGIN SOLUTION: <what to do>`` and ``### END SOLUTION``
-become ``raise NotImplementedError("<what to do>")`` at the marker's indentation.
+become ``raise NotImplementedError("<what to do>")`` at the marker's indentation; a region that only
+defines helpers (``def``, ``class``, decorators) becomes the TODO comment alone.
 """
 
 from __future__ import annotations
@@ -27,9 +28,13 @@ class ReleaseError(ValueError):
 
 
 def stub_solutions(text: str, where: str) -> tuple[str, int]:
-    """Replace each BEGIN/END SOLUTION region by a NotImplementedError stub; returns (text, regions)."""
+    """Replace each BEGIN/END SOLUTION region by a NotImplementedError stub; returns (text, regions).
+
+    A region that only defines things (helpers of the learner's own: its code starts with ``def``, ``class``
+    or a decorator) becomes its TODO comment alone: a raise there would run when the cell or class loads."""
     out: list[str] = []
-    regions, inside = 0, None
+    regions, inside, body = 0, None, []
+    indent = todo = ""
     for n, line in enumerate(text.split("\n"), start=1):
         stripped = line.strip()
         if stripped.startswith(BEGIN):
@@ -37,16 +42,21 @@ def stub_solutions(text: str, where: str) -> tuple[str, int]:
                 raise ReleaseError(
                     f"{where} line {n}: BEGIN SOLUTION inside the region opened at line {inside}"
                 )
-            inside, regions = n, regions + 1
+            inside, regions, body = n, regions + 1, []
             indent = line[: len(line) - len(line.lstrip())]
             todo = stripped[len(BEGIN) :].lstrip(" :-").strip() or DEFAULT_TODO
-            out += [f"{indent}# TODO: {todo}", f"{indent}raise NotImplementedError({todo!r})"]
         elif stripped.startswith(END):
             if inside is None:
                 raise ReleaseError(f"{where} line {n}: END SOLUTION without a BEGIN SOLUTION")
+            out.append(f"{indent}# TODO: {todo}")
+            first = next((b.strip() for b in body if b.strip() and not b.strip().startswith("#")), "")
+            if not first.startswith(("def ", "async def ", "class ", "@")):
+                out.append(f"{indent}raise NotImplementedError({todo!r})")
             inside = None
         elif inside is None:
             out.append(line)
+        else:
+            body.append(line)
     if inside is not None:
         raise ReleaseError(f"{where}: the BEGIN SOLUTION at line {inside} is never closed by {END}")
     return "\n".join(out), regions

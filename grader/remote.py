@@ -223,6 +223,18 @@ class RemoteFunction:
             raise self.worker._garbled("the arguments sent back do not match the call")
         return value, tuple(after)
 
+    def bench(self, recipe: dict, kwargs: dict, indices: list[int]) -> tuple[float, list]:
+        """(seconds for ``recipe['repeat']`` calls, the outputs of calls ``indices``): the problem is built in
+        the worker from ``recipe`` (``servelab.paged.bench.build_problem``), each call gets its own query, and
+        the time is this process's clock around the worker's calls and its device synchronisation."""
+        for message in ({"op": "bench", "fn": self.__name__, "recipe": recipe, "kwargs": kwargs}, {"op": "go"}):
+            t0 = time.perf_counter()
+            reply = self.worker.request(message)
+            seconds = time.perf_counter() - t0
+            self.worker_value(self.worker, reply, self.__name__)
+        shown = self.worker_value(self.worker, self.worker.request({"op": "show", "indices": indices}), self.__name__)
+        return seconds, shown
+
     @staticmethod
     def worker_value(worker: Worker, reply: dict, name: str):
         if "raised" in reply:

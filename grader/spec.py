@@ -116,6 +116,24 @@ def call_in_place(fn: Callable, *args) -> tuple[Any, tuple]:
     return fn(*args), args
 
 
+def bench_calls(fn: Callable, recipe: dict, kwargs: dict, indices: list[int], device: str) -> tuple[float, list]:
+    """(seconds for ``recipe['repeat']`` calls of ``fn`` on a problem built from ``recipe``, the outputs of calls
+    ``indices``), timed by this process: for a worker's function the problem is built there
+    (``grader.remote``), for one in this process here."""
+    if type(fn).__name__ == "RemoteFunction":
+        return fn.bench(recipe, kwargs, indices)
+    from servelab.device import synchronize
+    from servelab.paged.bench import build_problem
+
+    problem = build_problem(recipe, device)
+    fn(*problem.args(0), **kwargs)
+    synchronize(device)
+    t0 = time.perf_counter()
+    outs = [fn(*problem.args(i), **kwargs) for i in range(problem.repeat)]
+    synchronize(device)
+    return time.perf_counter() - t0, [outs[i] for i in indices]
+
+
 @dataclass
 class Context:
     """Everything a criterion may use besides the learner's code: device, randomness, shared model."""

@@ -110,6 +110,25 @@ def host_to_device(tensors: list[torch.Tensor], device: str | torch.device) -> l
     return out
 
 
+PAGED_BACKEND_ENV = "SERVELAB_PAGED_BACKEND"  # "torch" or "triton"; unset: decided by paged_backend()
+PAGED_BACKENDS = ("torch", "triton")
+
+
+def paged_backend(device: str | torch.device | None = None) -> str:
+    """Attention backend of the paged KV cache (lab 02): $SERVELAB_PAGED_BACKEND when set, else "triton"
+    (the lab's kernels) on CUDA and "torch" (plain PyTorch) on CPU. ``device``: where the cache lives
+    (default: whether this machine has a CUDA GPU). Forcing "triton" on a CPU runs the kernels in Triton's
+    interpreter: slow, but it checks them."""
+    forced = os.environ.get(PAGED_BACKEND_ENV, "").strip().lower()
+    if forced:
+        if forced not in PAGED_BACKENDS:
+            raise DeviceError(f"${PAGED_BACKEND_ENV}={forced!r} is not a paged-attention backend: "
+                              f"use one of {', '.join(PAGED_BACKENDS)} (or unset it)")
+        return forced
+    on_cuda = cuda_available() if device is None else torch.device(device).type == "cuda"
+    return "triton" if on_cuda else "torch"
+
+
 def dist_backend() -> str:
     """torch.distributed backend for the disaggregation lab: NCCL between GPUs, gloo on CPU."""
     return "nccl" if cuda_available() and torch.distributed.is_nccl_available() else "gloo"

@@ -134,3 +134,26 @@ class EngineRun:
                 "seconds": round(self.seconds, 4), "tokens_per_s": round(self.output_tokens / max(self.seconds, 1e-9), 1),
                 "slot_utilization": round(self.slot_utilization, 3), "wasted_fraction": round(self.wasted_fraction, 3),
                 "max_running": self.max_running}
+
+
+@dataclass
+class PagedEngineRun(EngineRun):
+    """An engine run on a paged KV cache (lab 02): the KV blocks it had, and what it did with them."""
+
+    num_blocks: int = 0
+    block_size: int = 0
+    preemptions: int = 0  # times a running sequence gave its blocks back to make room
+    kv_tokens_used: list[int] = field(default_factory=list)  # per step: tokens the live sequences hold
+    kv_tokens_reserved: list[int] = field(default_factory=list)  # per step: blocks in use * block_size
+    prompt_tokens: int = 0  # prefix caching: tokens of the contexts admitted (re-admissions count again)
+    prefix_hit_tokens: int = 0  # prefix caching: those of them served from cached blocks instead of computed
+
+    @property
+    def kv_waste_fraction(self) -> float:
+        """Share of the reserved KV memory (token-steps) that held no token: the last blocks' empty tails."""
+        return 1 - sum(self.kv_tokens_used) / max(1, sum(self.kv_tokens_reserved))
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        """Share of the admitted context tokens whose K/V came from the prefix cache (0 without one)."""
+        return self.prefix_hit_tokens / max(1, self.prompt_tokens)

@@ -122,11 +122,38 @@ def section_batching(ctx: dict) -> dict:
                          f"{timing.speedup:.2f}x tokens/s ({pairs}), {steps_ratio:.2f}x fewer steps"}}
 
 
+PAGING_SCALE = {"quick": 0.5, "full": 1.0}  # counted on a virtual clock: seconds, not minutes, at full size
+
+
+def section_paging(ctx: dict) -> dict:
+    """Lab 02's headline: the skewed trace in lab 01's KV memory (8 slots x 1,024 tokens), contiguous vs paged
+    (blocks of 8): KV waste and sequences at once. Counted on a virtual clock: deterministic."""
+    from servelab.engine import StepClock
+    from servelab.reference.batching import continuous_batching
+    from servelab.reference.paged import kv_usage, paged_continuous_batching
+
+    model, eos = ctx["target"], ctx["tokenizer"].eos_token_id
+    trace = standard_trace("skewed", encode=ctx["tokenizer"], scale=PAGING_SCALE["quick" if ctx["quick"] else "full"])
+    slots, max_len, block = 8, 1024, 8
+    base = continuous_batching(model, trace.requests, slots, 4096, eos, StepClock(), max_len)
+    used, reserved = kv_usage(base, trace.requests, max_len)
+    paged = paged_continuous_batching(model, trace.requests, 256, 4096, eos, StepClock(), slots * max_len // block,
+                                      block, max_len)
+    contiguous_waste = 1 - sum(used) / max(1, sum(reserved))
+    return {"trace": trace.describe(), "contiguous_waste": round(contiguous_waste, 4),
+            "paged_waste": round(paged.kv_waste_fraction, 4), "contiguous_max_running": base.max_running,
+            "paged_max_running": paged.max_running, "preemptions": paged.preemptions,
+            "headline": {f"lab 02: paged KV cache ({len(trace)} requests, {slots} x {max_len} tokens of KV)":
+                         f"waste {contiguous_waste:.0%} -> {paged.kv_waste_fraction:.1%}, "
+                         f"{paged.max_running / base.max_running:.0f}x the sequences at once"}}
+
+
 SECTIONS: list[tuple[str, Callable[[dict], dict]]] = [
     ("models", section_models),
     ("generation", section_generate),
     ("draft_acceptance", section_acceptance),
     ("batching", section_batching),
+    ("paging", section_paging),
 ]
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import inspect
+import linecache
 import types
 
 from grader.spec import Learner
@@ -13,5 +14,7 @@ def planted(module: types.ModuleType, *edits: tuple[str, str]) -> Learner:
         assert src.count(old) == 1, f"the planted bug no longer applies to the solution: {old!r}"
         src = src.replace(old, new)
     code = types.ModuleType("planted")
-    exec(compile(src, "<planted>", "exec"), code.__dict__)
+    name = f"<planted {module.__name__}>"
+    linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # Triton's jit reads the source back
+    exec(compile(src, name, "exec"), code.__dict__)
     return Learner(code.__dict__)

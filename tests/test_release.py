@@ -59,7 +59,8 @@ def test_learner_notebook_hides_the_solution(lab):
         for ln in lines:
             if ln.strip().startswith("### END SOLUTION"):
                 inside = False
-            if inside and len(ln.strip()) > 12:
+            # a signature inside a region (a helper subclass overriding a method) is no solution content
+            if inside and len(ln.strip()) > 12 and not ln.strip().startswith(("def ", "class ", "@")):
                 hidden.append(ln.strip())
             if ln.strip().startswith("### BEGIN SOLUTION"):
                 inside = True

@@ -31,6 +31,10 @@ def test_tour_quick(tmp_path):
     assert f"median of {tour.BATCHING_PAIRS} pairs: " in headline
     assert all(f"{r:.2f}" in headline for r in batching["ratios"])
     assert "headline numbers" in res.stdout and "median of" in res.stdout
+    paging = results["paging"]  # lab 02: deterministic counts on a virtual clock
+    assert paging["paged_waste"] < 0.04 < paging["contiguous_waste"], paging
+    assert paging["paged_max_running"] >= 3 * paging["contiguous_max_running"], paging
+    assert "lab 02: paged KV cache" in res.stdout
 
 
 def test_doctor_runs():
