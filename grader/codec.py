@@ -23,7 +23,7 @@ import numbers
 import sys
 from typing import Any
 
-RECORD_MODULES = ("servelab.workloads", "servelab.engine", "servelab.metrics")
+RECORD_MODULES = ("servelab.workloads", "servelab.engine", "servelab.metrics", "servelab.speculative")
 MAX_DEPTH = 64
 
 
