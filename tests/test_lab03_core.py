@@ -87,7 +87,7 @@ def test_rejected_positions_are_overwritten(target):
 @pytest.mark.parametrize("gamma", [2, 4])
 def test_caches_consistent_in_the_loop(target, draft, prompts, gamma):
     for p in prompts[2:4]:
-        rec = lab.Recorder(target, draft)
+        rec = lab.Recorder(target, draft, logits=True)
         run = sol.speculative_greedy(rec.target, rec.draft, p, 24, gamma)
         assert any(a < d for d, a in run.rounds) and any(a == d for d, a in run.rounds)  # both kinds of round
         assert lab.check_caches(rec, p + run.tokens, "loop") > 0
@@ -109,7 +109,7 @@ def test_cache_check_catches_a_missing_catch_up(target, draft, prompts, monkeypa
         def __getattr__(self, name):
             return getattr(self.model, name)
 
-    rec = lab.Recorder(target, draft)
+    rec = lab.Recorder(target, draft, logits=True)
     inner = rec.draft
     run = real(rec.target, Forgetful(inner), prompts[3], 24, 2)
     with pytest.raises(lab.Fail, match="never fed|differ"):

@@ -18,7 +18,8 @@ import math
 import statistics
 
 from grader.checks import compare_tokens, corpus_prompts, random_prompts, speed_verdict, token_list
-from grader.spec import Blocked, Context, Fail, Lab, Learner, Outcome
+from grader.probes import NegatedModel, OtherVocabModel
+from grader.spec import DRAFT, Blocked, Context, Fail, Lab, Learner, Outcome
 
 LAB = Lab(
     id="03_speculative",
@@ -105,26 +106,24 @@ def hand_made_test(fn, seed: int, trials: int = 20000) -> list[tuple[str, float,
 
 
 class Recorder:
-    """Wraps target and draft in the grader's CountingModel and keeps the logits of every call, in order."""
+    """Target and draft wrapped in the grader's RecordingModel: every call counted, its input ids kept and
+    (``logits=True``) its logits, in the order of the calls across both models (``log``)."""
 
-    def __init__(self, target, draft=None):
-        from grader.probes import CountingModel
+    def __init__(self, target, draft=None, logits: bool = False):
+        from grader.probes import RecordingModel
 
-        self.log: list[tuple[str, list[int], list[int], object]] = []  # (who, tokens, positions, logits)
-        self.target = self._wrap(CountingModel(target), "target")
-        self.draft = self._wrap(CountingModel(draft), "draft") if draft is not None else None
+        self.target = RecordingModel(target, logits=logits)
+        self.draft = RecordingModel(draft, logits=logits) if draft is not None else None
 
-    def _wrap(self, probe, who: str):
-        rec, inner = self, probe.__call__
-
-        class Logged(type(probe)):  # the probe's behaviour, plus the logits
-            def __call__(self, input_ids, positions=None, cache=None):
-                out = inner(input_ids, positions, cache)
-                rec.log.append((who, input_ids[0].tolist(), positions[0].tolist(), out[0].detach().clone()))
-                return out
-
-        probe.__class__ = Logged
-        return probe
+    @property
+    def log(self) -> list[tuple[str, list[int], list[int], object]]:
+        """(who, tokens, positions, logits) of row 0 of every call, in call order."""
+        out = []
+        for who, probe in (("target", self.target), ("draft", self.draft)):
+            for call, f in zip(probe.calls, probe.forwards) if probe is not None else ():
+                logits = f.logits[0].float() if f.logits is not None else None
+                out.append((f.seq, who, f.ids[0], call.positions[0], logits))
+        return [entry[1:] for entry in sorted(out, key=lambda e: e[0])]
 
 
 def check_caches(rec: Recorder, seq: list[int], case: str, tol: float = 1e-3) -> int:
@@ -135,6 +134,8 @@ def check_caches(rec: Recorder, seq: list[int], case: str, tol: float = 1e-3) ->
 
     calls, checked = rec.log, 0
     for i, (who, toks, pos, logits) in enumerate(calls):
+        if logits is None:
+            raise ValueError("check_caches needs a Recorder(..., logits=True)")
         if pos[0] == 0:
             continue  # a prefill: nothing cached before it
         nxt = next((c for c in calls[i:] if c[0] == "target"), None)  # the verify that closes this round
@@ -168,6 +169,13 @@ def _run(learner: Learner, name: str, *args) -> object:
     run = learner.fn(name)(*args)
     if not isinstance(run, SpecRun):
         raise Fail(f"{name} returned {type(run).__name__}; expected a servelab.speculative.SpecRun")
+    for r in run.rounds:
+        if not (isinstance(r, tuple | list) and len(r) == 2 and all(type(x) is int for x in r)):
+            raise Fail(f"{name}: SpecRun.rounds holds {r!r}; each round should be a pair of ints (drafted, "
+                       "accepted)")
+    for what in ("target_forwards", "draft_forwards"):
+        if type(getattr(run, what)) is not int:
+            raise Fail(f"{name}: SpecRun.{what} is {getattr(run, what)!r}; it should be an int")
     return run
 
 
@@ -187,21 +195,7 @@ def _prompts(ctx: Context, salt: str, n: int) -> list[tuple[str, list[int]]]:
     return random_prompts(ctx, n, (1, 24), salt + "-r") + corpus_prompts(ctx, n, (8, 64), salt + "-c")
 
 
-class WrongDraft:
-    """A draft that always proposes a token the target will not choose (its least likely one), so that the
-    first drafted token of every round is rejected."""
-
-    def __init__(self, model):
-        self.model = model
-
-    def __call__(self, input_ids, positions=None, cache=None):
-        logits = self.model(input_ids, positions, cache)
-        return -logits  # argmax of the negated logits: the draft's least likely token
-
-    def __getattr__(self, name):
-        if name == "model":
-            raise AttributeError(name)
-        return getattr(self.model, name)
+WrongDraft = NegatedModel  # a draft whose every first proposal of a round is rejected (its least likely token)
 
 
 # ----------------------------------------------------------------------------- greedy
@@ -211,9 +205,8 @@ def greedy_identical(learner: Learner, ctx: Context) -> Outcome:
     with the shipped draft, with a draft whose every first proposal is rejected, and with draft = target
     (everything accepted up to max_new_tokens); EOS stops; one verify forward per round."""
     from servelab.generate import reference_greedy
-    from servelab.loader import load_draft
 
-    target, draft = ctx.model(), load_draft(device=ctx.device)
+    target, draft = ctx.model(), ctx.model(DRAFT)
     prompts = _prompts(ctx, "greedy", 2 if ctx.quick else 4)
     n, new = 0, 24 if ctx.quick else 40
     for g in GAMMAS:
@@ -254,13 +247,12 @@ def greedy_identical(learner: Learner, ctx: Context) -> Outcome:
 def caches_consistent(learner: Learner, ctx: Context) -> Outcome:
     """After rejections (and after all-accepted rounds), every later forward of target and draft gives the logits
     of a fresh forward over the sequence: no stale K/V of a rejected draft, no skipped position."""
-    from servelab.loader import load_draft
 
-    target, draft = ctx.model(), load_draft(device=ctx.device)
+    target, draft = ctx.model(), ctx.model(DRAFT)
     checked = rejections = 0
     for g in (2, 4):
         for what, prompt in _prompts(ctx, "cache", 1):
-            rec = Recorder(target, draft)
+            rec = Recorder(target, draft, logits=True)
             run = _run(learner, "speculative_greedy", rec.target, rec.draft, prompt, 24, g)
             checked += check_caches(rec, list(prompt) + list(run.tokens), f"gamma={g}, {what}")
             rejections += sum(a < d for d, a in run.rounds)
@@ -273,13 +265,8 @@ def bad_inputs(learner: Learner, ctx: Context) -> Outcome:
     """Clear ValueErrors: gamma < 1, a draft with another vocabulary, an empty prompt, temperature <= 0."""
     import torch
 
-    from servelab.config import ModelConfig
-    from servelab.loader import load_draft
-    from servelab.model import CausalLM
-
-    target, draft = ctx.model(), load_draft(device=ctx.device)
-    cfg = ModelConfig(**{**target.config.__dict__, "vocab_size": target.config.vocab_size + 7})
-    other = CausalLM(cfg).eval()
+    target, draft = ctx.model(), ctx.model(DRAFT)
+    other = OtherVocabModel(draft, 7)
     g = torch.Generator().manual_seed(0)
     cases = [("speculative_greedy", (target, draft, [1, 2], 4, 0), "gamma=0"),
              ("speculative_greedy", (target, other, [1, 2], 4, 2), "a draft with another vocabulary"),
@@ -308,9 +295,8 @@ def bookkeeping(learner: Learner, ctx: Context) -> Outcome:
     """Per-round (drafted, accepted), alpha and the accepted length equal servelab.acceptance's replay of the
     same run; forward counts equal the forwards the grader saw."""
     from servelab.acceptance import measure_acceptance
-    from servelab.loader import load_draft
 
-    target, draft = ctx.model(), load_draft(device=ctx.device)
+    target, draft = ctx.model(), ctx.model(DRAFT)
     n = 0
     for g in (1, 3, 4):
         for what, prompt in corpus_prompts(ctx, 2, (16, 64), f"book-{g}"):
@@ -367,9 +353,8 @@ def sampling_real_models(learner: Learner, ctx: Context) -> Outcome:
     next-token distribution (chi-square over its top tokens, significance 1e-4); the same seed, the same run."""
     import torch
 
-    from servelab.loader import load_draft
 
-    target, draft, temp = ctx.model(), load_draft(device=ctx.device), 1.0
+    target, draft, temp = ctx.model(), ctx.model(DRAFT), 1.0
     prompt, probs = sampling_prompt(ctx, temp)
     fn, runs = learner.fn("speculative_sample"), 300 if ctx.quick else 600
     seed = ctx.rng("sample-seeds").randrange(2**31)
@@ -496,14 +481,13 @@ def timed_comparison(learner: Learner, ctx: Context, kind: str, gamma: int, repe
     """Plain cached greedy (lab 00's reference) vs the learner's speculative loop on ``prompts``, in alternating
     pairs; every forward timed by the grader's probes. Returns (timing, stats) where stats has alpha, tokens
     per verify, c, v (both measured in the loops) and the prediction."""
-    from servelab.loader import load_draft
     from servelab.reference.warmup import greedy_decode
     from servelab.timing import paired_benchmark
 
     from grader.probes import CountingModel
 
     target = ctx.model()
-    draft = load_draft(device=ctx.device) if kind == "draft" else None
+    draft = ctx.model(DRAFT) if kind == "draft" else None
     expected = [greedy_decode(target, p, SPEED_NEW_TOKENS) for p in prompts]
     base_probe, probes, runs = CountingModel(target), [], []
 
@@ -554,10 +538,9 @@ def predicted(alpha: float, gamma: float, c: float, v: float) -> float:
 def tokens_per_forward(learner: Learner, ctx: Context) -> Outcome:
     """Deterministic: new tokens per target verify forward at gamma = 4 with the shipped draft on hidden corpus
     prompts (counted by the grader's probe), outputs equal to plain greedy."""
-    from servelab.loader import load_draft
     from servelab.reference.warmup import greedy_decode
 
-    target, draft = ctx.model(), load_draft(device=ctx.device)
+    target, draft = ctx.model(), ctx.model(DRAFT)
     tokens = verifies = 0
     for p in speed_prompts(ctx, "draft", 3 if ctx.quick else 6):
         rec = Recorder(target, draft)
@@ -637,12 +620,10 @@ def gpu_hf_pair(learner: Learner, ctx: Context) -> Outcome:
     if not (os.environ.get("SERVELAB_MODEL") and os.environ.get("SERVELAB_DRAFT_MODEL")):
         raise Blocked("set $SERVELAB_MODEL and $SERVELAB_DRAFT_MODEL to a target/draft pair that shares a tokenizer "
                       "(e.g. Qwen/Qwen2.5-1.5B and Qwen/Qwen2.5-0.5B)")
-    from servelab.loader import load_draft, load_model
     from servelab.reference.warmup import greedy_decode
     from servelab.timing import paired_benchmark
 
-    target = load_model(device="cuda", dtype=torch.bfloat16)
-    draft = load_draft(device="cuda", dtype=torch.bfloat16)
+    target, draft = ctx.model(dtype=torch.bfloat16), ctx.model(DRAFT, dtype=torch.bfloat16)
     prompt = [p for _, p in corpus_prompts(ctx, 1, (64, 64), "gpu")][0]
     expected = greedy_decode(target, prompt, 128)
     runs = []
