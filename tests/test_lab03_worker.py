@@ -1,6 +1,7 @@
-"""Lab 03's criteria through the real grader: each runs in the harness against lab03/solution.py's code in a
-sandboxed worker (``grader.runner.run_worker``), with the draft, the probes that record logits, the negated
-and other-vocabulary drafts and the generators crossing the pipe as handles."""
+"""Lab 03's criteria through the real grader: each runs in the harness against the solution notebook's graded
+code in a sandboxed worker (``grader.runner.run_worker``), with the draft, the probes that record logits, the
+negated and other-vocabulary drafts and the generators crossing the pipe as handles. A planted bug goes in a
+notebook built on the fly from the reference module's code."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,8 +15,10 @@ from grader.environment import probe
 from grader.remote import Handles
 from grader.runner import run_worker
 
-SOLUTION_SOURCE = Path(__file__).resolve().parents[1] / "lab03" / "solution.py"
+ROOT = Path(__file__).resolve().parents[1]
 LAB = labs.get("03_speculative")
+SOLUTION = ROOT / "solutions" / LAB.id / LAB.notebook
+REFERENCE_SOURCE = ROOT / "servelab" / "reference" / "speculative.py"  # the solution's graded cells, released
 
 
 def lab03_notebook(source: str, path: Path) -> Path:
@@ -36,8 +39,11 @@ def extraction(source: str, tmp_path: Path) -> notebook.Extraction:
 
 
 @pytest.fixture(scope="module")
-def solution_extraction(tmp_path_factory):
-    return extraction(SOLUTION_SOURCE.read_text(encoding="utf-8"), tmp_path_factory.mktemp("nb"))
+def solution_extraction():
+    ext = notebook.extract(notebook.load(SOLUTION), LAB.functions,
+                           forbidden=integrity.forbidden_modules(LAB, labs.all_labs()))
+    assert not ext.errors and not ext.violations and len(ext.cells) == len(LAB.functions)
+    return ext
 
 
 WORKER_CRITERIA = ["greedy_identical", "caches_consistent", "bookkeeping", "sampling_hand_made",
@@ -66,7 +72,7 @@ def test_stale_draft_cache_fails_through_the_worker(tmp_path):
     """A loop that forgets the draft's catch-up token after an all-accepted round (its cache never gets that
     position) passes the token checks but fails caches_consistent: the logits the worker's probes recorded
     differ from a fresh forward the harness computes."""
-    src = SOLUTION_SOURCE.read_text(encoding="utf-8")
+    src = REFERENCE_SOURCE.read_text(encoding="utf-8")
     planted = src.replace("drafted, new = [], seq[d_len:]", "drafted, new = [], seq[d_len:][-1:]", 1)
     assert planted != src
     run = run_worker(LAB, LAB.get("caches_consistent"), extraction(planted, tmp_path), probe("cpu"), quick=True,

@@ -262,31 +262,30 @@ def caches_consistent(learner: Learner, ctx: Context) -> Outcome:
 
 @LAB.criterion("bad_inputs", "correctness", 1, exercise="speculative_greedy")
 def bad_inputs(learner: Learner, ctx: Context) -> Outcome:
-    """Clear ValueErrors: gamma < 1, a draft with another vocabulary, an empty prompt, temperature <= 0."""
-    import torch
-
+    """Clear ValueErrors from speculative_greedy: gamma < 1, a draft with another vocabulary, an empty prompt
+    (speculative_sample's temperature <= 0 and speculative_lookup's gamma < 1 are checked with them)."""
     target, draft = ctx.model(), ctx.model(DRAFT)
-    other = OtherVocabModel(draft, 7)
-    g = torch.Generator().manual_seed(0)
-    cases = [("speculative_greedy", (target, draft, [1, 2], 4, 0), "gamma=0"),
-             ("speculative_greedy", (target, other, [1, 2], 4, 2), "a draft with another vocabulary"),
-             ("speculative_greedy", (target, draft, [], 4, 2), "an empty prompt"),
-             ("speculative_sample", (target, draft, [1, 2], 4, 2, 0.0, g), "temperature 0"),
-             ("speculative_sample", (target, draft, [1, 2], 4, 2, -1.0, g), "temperature -1"),
-             ("speculative_lookup", (target, [1, 2], 4, 0), "gamma=0 (prompt lookup)")]
-    for name, args, what in cases:
-        try:
-            learner.fn(name)(*args)
-        except ValueError as err:
-            if len(str(err)) < 10:
-                raise Fail(f"{name} with {what}: the ValueError says only {str(err)!r}; say what is wrong") from None
-            continue
-        except NotImplementedError:
-            raise
-        except Exception as err:  # noqa: BLE001
-            raise Fail(f"{name} with {what} raised {type(err).__name__}: {err}; expected a ValueError") from None
-        raise Fail(f"{name} with {what} returned instead of raising ValueError")
+    cases = [((target, draft, [1, 2], 4, 0), "gamma=0"),
+             ((target, OtherVocabModel(draft, 7), [1, 2], 4, 2), "a draft with another vocabulary"),
+             ((target, draft, [], 4, 2), "an empty prompt")]
+    for args, what in cases:
+        expect_value_error(learner, "speculative_greedy", args, what)
     return Outcome(True, f"{len(cases)} bad inputs, each a clear ValueError")
+
+
+def expect_value_error(learner: Learner, name: str, args: tuple, what: str) -> None:
+    """``name(*args)`` must raise a ValueError that says something (Fail otherwise)."""
+    try:
+        learner.fn(name)(*args)
+    except ValueError as err:
+        if len(str(err)) < 10:
+            raise Fail(f"{name} with {what}: the ValueError says only {str(err)!r}; say what is wrong") from None
+        return
+    except NotImplementedError:
+        raise
+    except Exception as err:  # noqa: BLE001
+        raise Fail(f"{name} with {what} raised {type(err).__name__}: {err}; expected a ValueError") from None
+    raise Fail(f"{name} with {what} returned instead of raising ValueError")
 
 
 # ----------------------------------------------------------------------------- bookkeeping
@@ -350,11 +349,15 @@ def sampling_prompt(ctx: Context, temperature: float) -> tuple[list[int], list[f
 @LAB.criterion("sampling_real_models", "correctness", 2, exercise="speculative_sample", timeout_s=300)
 def sampling_real_models(learner: Learner, ctx: Context) -> Outcome:
     """On the shipped pair at temperature 1: the first emitted token of many seeded runs follows the target's
-    next-token distribution (chi-square over its top tokens, significance 1e-4); the same seed, the same run."""
+    next-token distribution (chi-square over its top tokens, significance 1e-4); the same seed, the same run;
+    temperature <= 0 is a clear ValueError."""
     import torch
 
 
     target, draft, temp = ctx.model(), ctx.model(DRAFT), 1.0
+    for bad in (0.0, -1.0):
+        expect_value_error(learner, "speculative_sample",
+                           (target, draft, [1, 2], 4, 2, bad, torch.Generator().manual_seed(0)), f"temperature {bad}")
     prompt, probs = sampling_prompt(ctx, temp)
     fn, runs = learner.fn("speculative_sample"), 300 if ctx.quick else 600
     seed = ctx.rng("sample-seeds").randrange(2**31)
@@ -427,10 +430,12 @@ def _lookup_proposals(learner: Learner, ctx: Context) -> Outcome:
 
 @LAB.criterion("lookup_identical", "correctness", 2, exercise="speculative_lookup", timeout_s=240)
 def lookup_identical(learner: Learner, ctx: Context) -> Outcome:
-    """speculative_lookup gives plain greedy's tokens on hidden prompts for gamma in {1, 2, 4, 7}, with EOS."""
+    """speculative_lookup gives plain greedy's tokens on hidden prompts for gamma in {1, 2, 4, 7}, with EOS;
+    gamma < 1 is a clear ValueError."""
     from servelab.generate import reference_greedy
 
     target, n = ctx.model(), 0
+    expect_value_error(learner, "speculative_lookup", (target, [1, 2], 4, 0), "gamma=0")
     for g in GAMMAS:
         for what, prompt in _prompts(ctx, f"lookup-{g}", 1):
             expected = reference_greedy(target, prompt, 32)
@@ -440,7 +445,14 @@ def lookup_identical(learner: Learner, ctx: Context) -> Outcome:
             compare_tokens(expected, token_list(run.tokens, "speculative_lookup", case), case, target, prompt)
             _one_verify_per_round(rec, run, case, "speculative_lookup")
             n += 1
-    return Outcome(True, f"{n} runs equal to plain greedy, one verify forward per round")
+    prompt = speed_prompts(ctx, "lookup", 1)[0]  # a trace lookup proposes on, so EOS can fall among accepted drafts
+    full = reference_greedy(target, prompt, 32)
+    eos = full[len(full) // 2]
+    expected = full[: full.index(eos) + 1]
+    run = _run(learner, "speculative_lookup", target, prompt, 32, 4, 3, eos)
+    compare_tokens(expected, token_list(run.tokens, "speculative_lookup", "eos"), f"gamma=4, eos_id={eos}",
+                   length_hint="stop right after emitting eos_id, even in the middle of a round's accepted drafts")
+    return Outcome(True, f"{n} runs equal to plain greedy, one verify forward per round; EOS stops")
 
 
 @LAB.criterion("formula", "correctness", 1, exercise="predicted_speedup")
