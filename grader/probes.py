@@ -1,7 +1,10 @@
 """Wrap a model to see how learner code calls it: tokens per forward, cache use, time per call.
 
 Counting what a decode loop feeds the model gives deterministic evidence of KV caching (one new
-token per step) that does not depend on how busy the machine is.
+token per step) that does not depend on how busy the machine is. ``RecordingModel`` also keeps the input
+ids and logits of each forward (lab 03 checks the caches' contents with them); ``NegatedModel`` and
+``OtherVocabModel`` are drafts made to fail (every proposal rejected; another vocabulary). All of them cross
+to a learner's worker as handles (``grader.remote.Handles``, ``grader.worker.Server``).
 """
 
 from __future__ import annotations
