@@ -391,11 +391,12 @@ are cut after `eos_id`. Validate with `check_speculative(target, None, ...)` and
 EXP3_MD = r"""
 **Experiment: where lookup wins.** A "code trace": 200 tokens of a source file, then its first 16 tokens
 again, so the model goes on re-emitting the file, as a model editing code it was given does. Lookup against
-the draft model there, and on the plain prompts of Part 1.
+the draft model there, and on the plain prompts of Part 1. Look at the drafts per round: lookup proposes
+only where the context has a match, and a round without one is a plain decode step (with no draft cost).
 """
 
 EXP3 = r"""
-code_prompts = [corpus_prompt(i, 200) for i in range(1 if QUICK else 3)]
+code_prompts = [corpus_prompt(i, 200) for i in range(1, 2 if QUICK else 4)]
 code_prompts = [p + p[:16] for p in code_prompts]
 rows = []
 for name, ps in (("code trace", code_prompts), ("plain prompts", prompts)):
