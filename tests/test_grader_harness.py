@@ -186,6 +186,7 @@ def test_remote_objects_methods_and_exceptions():
         learner = remote.RemoteLearner(worker)
         tally = learner.fn("Tally")(3)
         assert isinstance(tally, remote.RemoteObject) and "Tally" in repr(tally)
+        assert type(tally).__name__ == "Tally"  # what a criterion's "returned Tally; expected ..." names
         tally.add(4)
         assert tally.total == 7  # the state lives in the worker
         with pytest.raises(ValueError, match="cannot add -1") as err:  # a learner ValueError is a ValueError here
