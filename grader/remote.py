@@ -240,7 +240,7 @@ class RemoteFunction:
         if "raised" in reply:
             raise remote_exception(reply["raised"])
         try:
-            return Decoder({"$ref": lambda d: RemoteObject(worker, d)})(reply.get("value"))
+            return Decoder({"$ref": lambda d: remote_object(worker, d)})(reply.get("value"))
         except (CodecError, KeyError, TypeError, ValueError) as err:
             raise Fail(f"`{name}` returned a value the grader cannot use: {err}") from None
 
@@ -267,6 +267,14 @@ class RemoteObject:
 
     def __repr__(self) -> str:
         return f"<{self._type} in the learner's worker>"
+
+
+def remote_object(worker: Worker, data: dict) -> RemoteObject:
+    """A RemoteObject whose class carries the learner's type name, so a criterion's "returned {type}" message
+    names what the learner's code really returned (a generator, their own class), not "RemoteObject"."""
+    name = "".join(ch for ch in str(data.get("type", "object"))[:80] if ch.isalnum() or ch == "_") or "object"
+    cls = type(name, (RemoteObject,), {"__module__": "learner"})
+    return cls(worker, data)
 
 
 class Handles:

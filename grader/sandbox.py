@@ -4,8 +4,9 @@ Parent side (``grader.runner``): ``Limits`` (what to enforce, from options or ``
 ``worker_env`` and ``CappedOutput`` (the worker's stdout and stderr, kept up to a cap in memory).
 Worker side (``grader.worker``): ``isolate``, called first thing, while the worker has a single thread:
 
-- Linux: a new user, network and mount namespace (``unshare``, no privileges needed where the kernel allows
-  unprivileged user namespaces). The network namespace has only a loopback interface: nothing outside the
+- Linux: a new user, network, mount and PID namespace (``unshare``, no privileges needed where the kernel
+  allows unprivileged user namespaces). In the PID namespace the learner's code runs as its PID 1 (the worker
+  forks once, ``grader.worker``): it cannot signal the grader or anything else outside. The network namespace has only a loopback interface: nothing outside the
   machine can be reached. Every mount is made read-only except the worker's own folder (its cwd, ``HOME``
   and ``TMPDIR``) and ``/dev/shm``; then the worker drops every capability, so learner code can neither
   remount nor create a user namespace of its own (its uid is not mapped in the new namespace). This holds
@@ -189,7 +190,7 @@ class CappedOutput:
 
 
 # ------------------------------------------------------------------------------------------ worker side
-CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET = 0x00020000, 0x10000000, 0x40000000
+CLONE_NEWNS, CLONE_NEWUSER, CLONE_NEWNET, CLONE_NEWPID = 0x00020000, 0x10000000, 0x40000000, 0x20000000
 MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT = 1, 2, 4, 8, 32
 MS_NOATIME, MS_NODIRATIME, MS_BIND, MS_REC, MS_PRIVATE, MS_RELATIME = 1024, 2048, 4096, 16384, 1 << 18, 1 << 21
 MOUNT_FLAGS = {"nosuid": MS_NOSUID, "nodev": MS_NODEV, "noexec": MS_NOEXEC, "noatime": MS_NOATIME,
@@ -205,7 +206,7 @@ def isolate(work: Path, limits: dict, hide: list[str] | tuple[str, ...] = ()) ->
         state = _namespaces(str(work.resolve()), hide)
     else:
         off = f"not isolated: turned off (${ISOLATE_ENV}=0)"
-        state = {"network": off, "filesystem": off}
+        state = {"network": off, "filesystem": off, "processes": off}
     set_rlimits(limits.get("memory"), limits.get("cpu"), limits.get("file"))
     return state
 
@@ -234,19 +235,23 @@ def set_rlimits(memory: int | None, cpu: int | None, file_bytes: int | None) -> 
 def _namespaces(work: str, hide: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
     if not sys.platform.startswith("linux"):
         why = f"not isolated: {sys.platform} has no namespaces the grader can enter unprivileged"
-        return {"network": why, "filesystem": why}
+        return {"network": why, "filesystem": why, "processes": why}
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
-    if libc.unshare(CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS) != 0:
-        err = ctypes.get_errno()
-        why = (
-            f"not isolated: this kernel refused a user namespace (unshare: {os.strerror(err)}); e.g. "
-            "sysctl kernel.unprivileged_userns_clone=1 or a container that allows it"
-        )
-        return {"network": why, "filesystem": why}
-    state = {"network": "isolated: a network namespace with only loopback"}
+    base = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS
+    processes = "isolated: its own PID namespace (the grader and other processes cannot be signalled)"
+    if libc.unshare(base | CLONE_NEWPID) != 0:  # some containers allow the others but not this one
+        processes = f"not isolated: no PID namespace (unshare: {os.strerror(ctypes.get_errno())})"
+        if libc.unshare(base) != 0:
+            err = ctypes.get_errno()
+            why = (
+                f"not isolated: this kernel refused a user namespace (unshare: {os.strerror(err)}); e.g. "
+                "sysctl kernel.unprivileged_userns_clone=1 or a container that allows it"
+            )
+            return {"network": why, "filesystem": why, "processes": why}
+    state = {"network": "isolated: a network namespace with only loopback", "processes": processes}
     try:
         _loopback_up()
     except OSError as err:

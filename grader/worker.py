@@ -4,7 +4,8 @@ Started by ``grader.remote.Worker`` for one criterion, in a fresh process group 
 criterion ends, so nothing the learner's code starts survives it. In this order:
 
 1. enter the sandbox (``grader.sandbox.isolate``): namespaces, rlimits, this lab's answers hidden. ``unshare``
-   needs a process with a single thread, so this comes before anything (torch) starts threads;
+   needs a process with a single thread, so this comes before anything (torch) starts threads; with a PID
+   namespace, fork once: the child (the namespace's PID 1) does the rest, the parent waits;
 2. refuse imports of the lab's own reference, the grader's criteria and the solutions;
 3. install the "where is it stuck" handlers: on SIGUSR1 (the harness's timeout) and SIGXCPU (the CPU limit)
    write the innermost learner function running to MARKER_FD, so the grader can name it and skip later
@@ -35,6 +36,8 @@ def main(argv: list[str]) -> None:
         os.set_inheritable(fd, False)  # programs the learner's code starts do not get them
     spec = json.loads(Path(spec_path).read_text(encoding="utf-8"))
     sandbox = isolate(Path.cwd(), spec["limits"], hide=spec.get("hide", []))
+    if sandbox.get("processes", "").startswith("isolated"):
+        run_as_pid_namespace_init((in_fd, out_fd, marker_fd))  # returns only in the child
     report_where_stopped(marker_fd)
     from grader import probes  # noqa: F401 - what the worker itself needs from the grader, before the ban
     from grader.notebook import GradedCell, execute
@@ -234,6 +237,28 @@ class ForbiddenImports(importlib.abc.MetaPathFinder):
         return None
 
 
+def run_as_pid_namespace_init(fds: tuple[int, ...]) -> None:
+    """Fork: the child, PID 1 of the new PID namespace, returns and runs everything (it sees no process
+    outside, so it cannot signal the grader). This process only forwards the grader's SIGUSR1 and ends as
+    the child ended, so the grader sees the same exit codes and signals as without the namespace."""
+    pid = os.fork()
+    if pid == 0:
+        return
+    for fd in fds:
+        os.close(fd)  # the pipes are the child's: the grader sees their end when the child ends
+    signal.signal(signal.SIGUSR1, lambda signum, frame: os.kill(pid, signal.SIGUSR1))
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+    elif os.WEXITSTATUS(status) == 128 + signal.SIGXCPU:  # PID 1 cannot die of its own SIGXCPU: it exits so
+        sig = signal.SIGXCPU
+    else:
+        os._exit(os.WEXITSTATUS(status))
+    signal.signal(sig, signal.SIG_DFL)
+    os.kill(os.getpid(), sig)
+    os._exit(128 + sig)
+
+
 def report_where_stopped(marker_fd: int) -> None:
     def handler(signum: int, frame: FrameType | None) -> None:
         if where := learner_frame(frame):
@@ -242,6 +267,8 @@ def report_where_stopped(marker_fd: int) -> None:
             except OSError:
                 pass
         if signum == signal.SIGXCPU:  # then end as the CPU limit would have ended it
+            if os.getpid() == 1:  # a PID namespace's init ignores its own default-action signals
+                os._exit(128 + signal.SIGXCPU)
             signal.signal(signal.SIGXCPU, signal.SIG_DFL)
             os.kill(os.getpid(), signal.SIGXCPU)
 

@@ -186,6 +186,7 @@ def test_remote_objects_methods_and_exceptions():
         learner = remote.RemoteLearner(worker)
         tally = learner.fn("Tally")(3)
         assert isinstance(tally, remote.RemoteObject) and "Tally" in repr(tally)
+        assert type(tally).__name__ == "Tally"  # what a criterion's "returned Tally; expected ..." names
         tally.add(4)
         assert tally.total == 7  # the state lives in the worker
         with pytest.raises(ValueError, match="cannot add -1") as err:  # a learner ValueError is a ValueError here
@@ -277,3 +278,22 @@ def test_a_function_that_writes_into_its_arguments_sends_them_back():
     exec(src, local)
     value, (after, _) = call_in_place(local["fill"], buf, 2.0)
     assert after is buf and torch.equal(buf, torch.full((2, 3), 2.0))
+
+
+def test_learner_code_cannot_signal_the_grader(make_notebook, no_rules):
+    """The worker's PID namespace: the grader's process (here, this test's) is out of the learner's reach."""
+    src = f"""
+import os, signal
+
+def mean(xs):
+    for pid in (os.getppid(), {os.getpid()}):
+        if pid > 1:
+            os.kill(pid, signal.SIGTERM)
+    return sum(xs) / len(xs)
+"""
+    rep = grade(make_notebook([(src, ["graded"]), (GOOD_SPIN, ["graded"])]))
+    said = rep["environment"]["sandbox"].get("processes", "")
+    if not said.startswith("isolated"):
+        pytest.skip(f"this machine gives no PID namespace: {said}")
+    got = result(rep, "mean_values")
+    assert got["status"] == "error" and "ProcessLookupError" in got["message"], got  # and this process lives on

@@ -404,6 +404,6 @@ def test_no_network(make_notebook):
 def test_report_says_what_the_sandbox_holds(make_notebook):
     rep = grade(make_notebook([(GOOD_MEAN, ["graded"]), (GOOD_SPIN, ["graded"])]))
     box = rep["environment"]["sandbox"]
-    assert set(box) == {"memory", "cpu", "output", "files", "network", "filesystem"}
+    assert set(box) == {"memory", "cpu", "output", "files", "network", "filesystem", "processes"}
     assert box["memory"].startswith("6 GiB") and json.dumps(box)
-    assert all(box[k].startswith(("isolated", "not isolated")) for k in ("network", "filesystem"))
+    assert all(box[k].startswith(("isolated", "not isolated")) for k in ("network", "filesystem", "processes"))
