@@ -1,6 +1,6 @@
 """Lab 03 measurements on the shipped pair, batch 1, one torch thread: the numbers the thresholds rest on.
 
-    PYTHONPATH=. OMP_NUM_THREADS=1 python lab03/measure.py [--pairs 5] [--prompts 2] [--json out.json]
+    PYTHONPATH=. OMP_NUM_THREADS=1 python scripts/measure_speculative.py [--pairs 5] [--prompts 2] [--json out.json]
 
 For gamma 1..7: alpha, tokens per target forward, the paired speedup of speculative_greedy over lab 00's
 cached greedy_decode, c and v measured inside the loops and the formula's prediction; prompt lookup on code
