@@ -31,9 +31,6 @@ LAB = Lab(
 )
 GAMMAS = (1, 2, 4, 7)
 SIGNIFICANCE = 1e-4  # per chi-square test: a correct implementation fails one with this probability
-# measured speedup within this of the formula's, with c and v measured in the loop. Issue #13 asks 15%; through the
-# grader's worker on this busy 2-core VM the solution measured -19% to +9%, so the bar is 25% until a quieter run
-PREDICTION_TOLERANCE = 0.25
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -601,22 +598,10 @@ def lookup_speedup(learner: Learner, ctx: Context) -> Outcome:
     return _speed(learner, ctx, "lookup")
 
 
-@LAB.criterion("prediction_holds", "performance", 1, exercise="speculative_greedy", timeout_s=400)
-def prediction_holds(learner: Learner, ctx: Context) -> Outcome:
-    """The measured speedup of draft speculation at gamma = 4 and of prompt lookup are each within 15% of the
-    formula's prediction with alpha, c and v measured inside the loop."""
-    out, metrics = [], {}
-    for kind, g in (("draft", 4), ("lookup", 4)):
-        timing, stats = timed_comparison(learner, ctx, kind, g, 3, speed_prompts(ctx, kind, 1))
-        off = timing.speedup / stats["predicted"] - 1
-        metrics[kind] = {**stats, "speedup": round(timing.speedup, 3), "prediction_error": round(off, 3)}
-        out.append((kind, timing.speedup, stats["predicted"], off))
-    said = "; ".join(f"{k}: measured {m:.2f}x, predicted {p:.2f}x ({o:+.0%})" for k, m, p, o in out)
-    metrics["speedup"] = round(1 - max(abs(o) for *_, o in out), 3)
-    if all(abs(o) <= PREDICTION_TOLERANCE for *_, o in out):
-        return Outcome(True, f"{said}: within {PREDICTION_TOLERANCE:.0%}", metrics)
-    raise Fail(f"{said}: not within {PREDICTION_TOLERANCE:.0%}",
-               "the formula counts forwards only: keep the round's host work (tensors, lists, argmax) small")
+# Not graded yet: "each measured speedup within 15% of the formula's prediction" (issue #13). Through the grader's
+# worker on this busy 2-core VM the draft's prediction missed by -19% and prompt lookup's by -43% (the formula
+# assumes gamma proposals every round; lookup often proposes fewer). The notebook plots both; a criterion needs
+# a prediction that counts the proposals made, and a measurement on a quieter machine.
 
 
 # ----------------------------------------------------------------------------- GPU
