@@ -6,9 +6,10 @@ What crosses, and how:
 - tensors as dtype, shape, raw bytes and device type (a CUDA tensor is rebuilt on CUDA where there is one);
 - servelab's records (``Request``, ``Completion``, ``EngineRun``, ...): their dataclass fields; the harness
   rebuilds the real class from them, so a learner's subclass cannot bring its own methods along;
-- the grader's own objects that learner code calls back (the model, probes, clocks) as handles: the worker
-  builds its own copy, and after each call sends back their state (the probe's records, the clock's time),
-  which the harness copies into its objects;
+- the grader's own objects that learner code calls back (the model, probes, model wrappers, clocks, torch
+  generators) as handles: the worker builds its own copy, and after each call sends back their state (the
+  probe's records, the clock's time, the generator's state), which the harness checks and copies into its
+  objects;
 - anything else a learner function returns (an instance of the learner's class) stays in the worker as a
   numbered reference the harness can call methods on (``grader.remote.RemoteObject``).
 """
@@ -23,7 +24,7 @@ import numbers
 import sys
 from typing import Any
 
-RECORD_MODULES = ("servelab.workloads", "servelab.engine", "servelab.metrics")
+RECORD_MODULES = ("servelab.workloads", "servelab.engine", "servelab.metrics", "servelab.speculative")
 MAX_DEPTH = 64
 
 

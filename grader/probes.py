@@ -1,11 +1,15 @@
 """Wrap a model to see how learner code calls it: tokens per forward, cache use, time per call.
 
 Counting what a decode loop feeds the model gives deterministic evidence of KV caching (one new
-token per step) that does not depend on how busy the machine is.
+token per step) that does not depend on how busy the machine is. ``RecordingModel`` also keeps the input
+ids and logits of each forward (lab 03 checks the caches' contents with them); ``NegatedModel`` and
+``OtherVocabModel`` are drafts made to fail (every proposal rejected; another vocabulary). All of them cross
+to a learner's worker as handles (``grader.remote.Handles``, ``grader.worker.Server``).
 """
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 
 
@@ -80,3 +84,76 @@ class CountingClock:
 
     def wait_until(self, t: float) -> None:
         self.clock.wait_until(t)
+
+
+_FORWARDS = itertools.count()  # numbers every RecordingModel forward in this process: their order across probes
+
+
+@dataclass
+class Forward:
+    """What a ``RecordingModel`` saw in one forward, beyond its ``Call``."""
+
+    seq: int  # this forward's number among every recording probe's forwards (their order across models)
+    ids: list[list[int]]  # the input token ids, per row
+    logits: object = None  # the output as a float16 tensor [batch, tokens, vocab] (None: not kept)
+
+
+@dataclass
+class RecordingModel(CountingModel):
+    """A ``CountingModel`` that also keeps each forward's input ids and (``logits=True``) its output logits in
+    float16, numbered across all recording probes: what a check of the caches' contents needs (lab 03
+    recomputes each forward fresh and compares)."""
+
+    logits: bool = False
+    forwards: list[Forward] = field(default_factory=list)
+
+    def __call__(self, input_ids, positions=None, cache=None):
+        out = CountingModel.__call__(self, input_ids, positions, cache)
+        kept = out.detach().to("cpu", copy=True).half() if self.logits else None
+        self.forwards.append(Forward(next(_FORWARDS), input_ids.tolist(), kept))
+        return out
+
+
+class _Wrapper:
+    """A model behind another forward: every attribute (config, device, new_cache, ...) is the model's."""
+
+    def __init__(self, model):
+        self.model = model
+
+    def forward(self, *args, **kwargs):
+        return self(*args, **kwargs)
+
+    def __getattr__(self, name):
+        if name == "model":
+            raise AttributeError(name)
+        return getattr(self.model, name)
+
+
+class NegatedModel(_Wrapper):
+    """The model with negated logits: its argmax is the model's least likely token. As a draft, every first
+    proposal of a round is one the target rejects (lab 03)."""
+
+    def __call__(self, input_ids, positions=None, cache=None):
+        return -self.model(input_ids, positions, cache)
+
+
+class OtherVocabModel(_Wrapper):
+    """The model with ``extra`` more tokens in its vocabulary (their logits -inf): a draft that does not share
+    the target's tokenizer, for the "different vocabularies" ValueError."""
+
+    MAX_EXTRA = 4096
+
+    def __init__(self, model, extra: int = 7):
+        if isinstance(extra, bool) or not isinstance(extra, int) or not 1 <= extra <= self.MAX_EXTRA:
+            raise ValueError(f"extra must be an int in 1..{self.MAX_EXTRA}, got {extra!r}")
+        super().__init__(model)
+        self.extra = extra
+        cfg = model.config
+        self.config = type(cfg)(**{**cfg.__dict__, "vocab_size": cfg.vocab_size + extra})
+
+    def __call__(self, input_ids, positions=None, cache=None):
+        import torch
+
+        out = self.model(input_ids, positions, cache)
+        pad = torch.full((*out.shape[:-1], self.extra), float("-inf"), dtype=out.dtype, device=out.device)
+        return torch.cat([out, pad], -1)

@@ -285,15 +285,22 @@ class Handles:
         self.worker, self.objects = worker, {}
 
     def __call__(self, x) -> dict | None:
-        from grader.probes import CountingClock, CountingModel
+        from grader.probes import CountingClock, CountingModel, NegatedModel, OtherVocabModel, RecordingModel
 
         if isinstance(x, RemoteObject):
             return {"$ref": x._ref}
         engine, model = sys.modules.get("servelab.engine"), sys.modules.get("servelab.model")
+        torch = sys.modules.get("torch")
         if model is not None and isinstance(x, model.CausalLM):
-            return {"$model": model_name(x)}
+            return {"$model": model_name(x), **model_dtype(x)}
+        if isinstance(x, RecordingModel):
+            return {"$probe": self._add(x), "model": self.model(x.model), "record": True, "logits": bool(x.logits)}
         if isinstance(x, CountingModel):
-            return {"$probe": self._add(x), "model": self(x.model)}
+            return {"$probe": self._add(x), "model": self.model(x.model)}
+        if isinstance(x, NegatedModel):
+            return {"$wrap": "negated", "model": self.model(x.model)}
+        if isinstance(x, OtherVocabModel):
+            return {"$wrap": "vocab", "extra": x.extra, "model": self.model(x.model)}
         if isinstance(x, CountingClock):
             return {"$clock": self._add(x), "kind": "counting", "step_s": x.clock.step_s, "t": x.clock.t,
                     "steps": x.steps}
@@ -301,7 +308,18 @@ class Handles:
             return {"$clock": self._add(x), "kind": "step", "step_s": x.step_s, "t": x.t}
         if engine is not None and isinstance(x, engine.WallClock):
             return {"$clock": self._add(x), "kind": "wall"}
+        if torch is not None and isinstance(x, torch.Generator):
+            from grader.codec import _encode_tensor
+
+            return {"$generator": self._add(x), "device": x.device.type, "state": _encode_tensor(x.get_state())}
         return None
+
+    def model(self, x) -> dict:
+        """The handle of a model a probe or wrapper wraps: one the worker can build, or a CodecError."""
+        h = self(x)
+        if not (isinstance(h, dict) and any(k in h for k in ("$model", "$probe", "$wrap"))):
+            raise CodecError(f"a grader probe wraps a {type(x).__name__}, which cannot be passed to a worker")
+        return h
 
     def _add(self, x) -> int:
         self.objects[len(self.objects)] = x
@@ -309,23 +327,73 @@ class Handles:
 
     def apply(self, state) -> None:
         """Copy the worker's state of each handle into the harness's object, checking every field."""
-        from grader.probes import Call, CountingClock, CountingModel
+        from grader.probes import Call, CountingClock, CountingModel, RecordingModel
 
         if not self.objects:
             return
+        torch = sys.modules.get("torch")
+        seqs: set[int] = set()
         try:
             for key, obj in self.objects.items():
                 s = state[str(key)]
                 if isinstance(obj, CountingModel):
-                    obj.calls = [Call(_int(c[0]), _int(c[1]), bool(c[2]), float(c[3]),
-                                      [[_int(p) for p in row] for row in c[4]]) for c in s["calls"]]
+                    calls = [Call(_int(c[0]), _int(c[1]), bool(c[2]), float(c[3]),
+                                  [[_int(p) for p in row] for row in c[4]]) for c in s["calls"]]
+                    if isinstance(obj, RecordingModel):
+                        obj.forwards = _forwards(obj, calls, s["forwards"], seqs)
+                    obj.calls = calls
                 elif isinstance(obj, CountingClock):
                     obj.steps, obj.clock.t = _int(s["steps"]), float(s["t"])
+                elif torch is not None and isinstance(obj, torch.Generator):
+                    _set_generator(obj, s["generator"])
                 elif hasattr(obj, "t"):
                     obj.t = float(s["t"])
-        except (KeyError, IndexError, TypeError, ValueError) as err:
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as err:
             raise self.worker._garbled(f"the state of the grader's probes and clocks is malformed: {err!r}") \
                 from None
+
+
+def _forwards(probe, calls: list, data: list, seqs: set[int]) -> list:
+    """A RecordingModel's forwards as the worker sent them, each checked against its Call: one per call, the
+    ids of the call's shape, logits (if kept) float16 of [batch, tokens, vocab], numbers unique in the call."""
+    from grader.codec import _decode_tensor
+    from grader.probes import Forward
+
+    if not isinstance(data, list) or len(data) != len(calls):
+        raise ValueError(f"{len(data) if isinstance(data, list) else data!r} forwards recorded for {len(calls)} calls")
+    vocab = getattr(getattr(probe, "config", None), "vocab_size", None)
+    out = []
+    for call, f in zip(calls, data):
+        seq, ids, logits = f
+        seq = _int(seq)
+        if seq in seqs:
+            raise ValueError(f"forward number {seq} recorded twice")
+        seqs.add(seq)
+        ids = [[_int(t) for t in row] for row in ids]
+        if len(ids) != call.batch or any(len(row) != call.tokens for row in ids):
+            raise ValueError(f"input ids of a forward do not have the shape {call.batch} x {call.tokens} of its call")
+        if probe.logits:
+            t = _decode_tensor(logits["$tensor"])
+            want = (call.batch, call.tokens, vocab if isinstance(vocab, int) else t.shape[-1])
+            if str(t.dtype) != "torch.float16" or tuple(t.shape) != want:
+                raise ValueError(f"logits of {t.dtype} {tuple(t.shape)}; expected float16 {want}")
+            logits = t
+        elif logits is not None:
+            raise ValueError("logits recorded by a probe that keeps none")
+        out.append(Forward(seq, ids, logits))
+    return out
+
+
+def _set_generator(gen, data) -> None:
+    """The worker's generator state after the call into the harness's generator (same size, bytes)."""
+    from grader.codec import _decode_tensor
+
+    t = _decode_tensor(data["$tensor"]).cpu()
+    before = gen.get_state()
+    if t.dtype != before.dtype or t.shape != before.shape:
+        raise ValueError(f"a generator state of {t.dtype} {tuple(t.shape)}; expected {before.dtype} "
+                         f"{tuple(before.shape)}")
+    gen.set_state(t)  # raises RuntimeError for a state that is not one
 
 
 def _int(x) -> int:
@@ -336,11 +404,21 @@ def _int(x) -> int:
 
 def model_name(model) -> str | None:
     """The name the harness loaded ``model`` under (``Context.model(name)``), for the worker to load it too."""
+    return _model_key(model)[1]
+
+
+def model_dtype(model) -> dict:
+    """{"dtype": "bfloat16"} for a model ``Context.model(name, dtype)`` loaded in a dtype it named, else {}."""
+    key = _model_key(model)
+    return {"dtype": key[3]} if len(key) > 3 else {}
+
+
+def _model_key(model) -> tuple:
     from grader.spec import _CACHE
 
     for key, value in _CACHE.items():
         if value is model and key[0] == "model":
-            return key[1]
+            return key
     raise CodecError("a model the grader did not load through Context.model() cannot be passed to a worker")
 
 

@@ -148,8 +148,15 @@ class Context:
     def rng(self, salt: str = "") -> random.Random:
         return random.Random(f"{self.seed}:{salt}")
 
-    def model(self, name: str | None = None):
-        return _cached(("model", name, self.device), lambda: _load_model(name, self.device))
+    def model(self, name: str | None = None, dtype=None):
+        """The model ``name`` on this context's device, loaded once per process: None is the lab's target
+        (``$SERVELAB_MODEL``, else the shipped target); "draft" the draft of speculative decoding
+        (``$SERVELAB_DRAFT_MODEL``, else the shipped draft); else a shipped name, a folder or a hub id.
+        ``dtype`` (a torch dtype; default float32) is part of the name a worker loads it under."""
+        if dtype is None:
+            return _cached(("model", name, self.device), lambda: _load_model(name, self.device))
+        dtype_name = str(dtype).removeprefix("torch.")
+        return _cached(("model", name, self.device, dtype_name), lambda: _load_model(name, self.device, dtype))
 
     def tokenizer(self, name: str | None = None):
         return _cached(("tok", name), lambda: _load_tokenizer(name))
@@ -165,10 +172,14 @@ def _cached(key, make):
     return _CACHE[key]
 
 
-def _load_model(name, device):
-    from servelab import load_model
+DRAFT = "draft"  # Context.model(DRAFT): the draft model, as servelab.loader.load_draft finds it
 
-    return load_model(name, device=device)
+
+def _load_model(name, device, dtype=None):
+    import servelab
+
+    kw = {"device": device} if dtype is None else {"device": device, "dtype": dtype}
+    return servelab.load_draft(**kw) if name == DRAFT else servelab.load_model(name, **kw)
 
 
 def _load_tokenizer(name):

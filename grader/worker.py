@@ -91,7 +91,9 @@ class Server:
                 fn = self.ns[target["fn"]] if "fn" in target else self.refs[target["ref"]]
                 decode = Decoder({"$model": self.model, "$ref": lambda d: self.refs[d["$ref"]],
                                   "$probe": lambda d: self.probe(d, made, decode),
-                                  "$clock": lambda d: self.clock(d, made)})
+                                  "$clock": lambda d: self.clock(d, made),
+                                  "$wrap": lambda d: self.wrap(d, decode),
+                                  "$generator": lambda d: self.generator(d, made)})
                 args, kwargs = decode(message["args"]), decode(message["kwargs"])
                 value = fn(*args, **kwargs)
                 self.synchronize()  # the harness times the whole call: the GPU's work is part of it
@@ -126,15 +128,45 @@ class Server:
             return {"raised": describe(err)}
 
     def model(self, d: dict):
+        import torch
+
         from grader.spec import Context
 
-        return Context("", self.device).model(d["$model"])
+        dtype = d.get("dtype")
+        if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
+            raise ValueError(f"unknown dtype {dtype!r}")
+        return Context("", self.device).model(d["$model"], getattr(torch, dtype) if dtype else None)
 
     def probe(self, d: dict, made: dict, decode: Decoder):
-        from grader.probes import CountingModel
+        from grader.probes import CountingModel, RecordingModel
 
-        made[str(d["$probe"])] = probe = CountingModel(decode(d["model"]))
+        model = decode(d["model"])
+        if d.get("record"):
+            probe = RecordingModel(model, logits=bool(d.get("logits")))
+        else:
+            probe = CountingModel(model)
+        made[str(d["$probe"])] = probe
         return probe
+
+    def wrap(self, d: dict, decode: Decoder):
+        from grader.probes import NegatedModel, OtherVocabModel
+
+        if d["$wrap"] == "negated":
+            return NegatedModel(decode(d["model"]))
+        if d["$wrap"] == "vocab":
+            return OtherVocabModel(decode(d["model"]), d["extra"])
+        raise ValueError(f"unknown model wrapper {d['$wrap']!r}")
+
+    def generator(self, d: dict, made: dict):
+        import torch
+
+        from grader.codec import _decode_tensor
+
+        device = d["device"] if d["device"] == "cpu" or torch.cuda.is_available() else "cpu"
+        gen = torch.Generator(device=device)
+        gen.set_state(_decode_tensor(d["state"]["$tensor"]).cpu())
+        made[str(d["$generator"])] = gen
+        return gen
 
     def clock(self, d: dict, made: dict):
         from grader.probes import CountingClock
@@ -163,12 +195,20 @@ class Server:
 
 
 def state(obj) -> dict:
-    from grader.probes import CountingClock, CountingModel
+    from grader.codec import _encode_tensor
+    from grader.probes import CountingClock, CountingModel, RecordingModel
 
     if isinstance(obj, CountingModel):
-        return {"calls": [[c.tokens, c.batch, c.cached, c.seconds, c.positions] for c in obj.calls]}
+        out = {"calls": [[c.tokens, c.batch, c.cached, c.seconds, c.positions] for c in obj.calls]}
+        if isinstance(obj, RecordingModel):
+            out["forwards"] = [[f.seq, f.ids, None if f.logits is None else _encode_tensor(f.logits)]
+                               for f in obj.forwards]
+        return out
     if isinstance(obj, CountingClock):
         return {"t": obj.clock.t, "steps": obj.steps}
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(obj, torch.Generator):
+        return {"generator": _encode_tensor(obj.get_state())}
     return {"t": getattr(obj, "t", 0.0)}
 
 

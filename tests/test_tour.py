@@ -35,6 +35,9 @@ def test_tour_quick(tmp_path):
     assert paging["paged_waste"] < 0.04 < paging["contiguous_waste"], paging
     assert paging["paged_max_running"] >= 3 * paging["contiguous_max_running"], paging
     assert "lab 02: paged KV cache" in res.stdout
+    spec = results["speculative"]  # lab 03: tokens per target forward is a count; the speedup is shown as measured
+    assert spec["tokens_per_target_forward"] > 2.0 and len(spec["ratios"]) == tour.SPEC_PAIRS, spec
+    assert "lab 03: speculative decoding" in res.stdout
 
 
 def test_doctor_runs():
