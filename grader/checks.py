@@ -132,3 +132,23 @@ def speed_verdict(what: str, timing, threshold: float | None, device_class: str,
         raise Fail(f"{below}, but this looks like noise: {deterministic}, and the pairs spread "
                    f"{min(timing.ratios):.2f}-{max(timing.ratios):.2f}x. Rerun this check on a quieter machine")
     raise Fail(f"{below}; {deterministic}", hint)
+
+
+MAX_DIFFERING = 0.05  # batched float math may flip a rare near-tie argmax between two batchings; more is a bug
+
+
+def timed_runs_differ(baselines: list, runs: list, requests, baseline: str) -> int:
+    """A time counts only for a run that served the trace: every timed engine run is checked against the
+    baseline run of the same pair (``baseline`` names it in the message). The correctness criteria check each
+    request exactly; here a near-tie between two batchings may differ. Returns the most requests any run got
+    different."""
+    worst = 0
+    for k, (ref, run) in enumerate(zip(baselines, runs)):
+        differ = [r.id for r in requests if r.id not in run.completions
+                  or list(run.completions[r.id].tokens) != list(ref.completions[r.id].tokens)]
+        if len(differ) > MAX_DIFFERING * len(requests):
+            raise Fail(f"timed run {k + 1}: {len(differ)} of {len(requests)} requests (e.g. {differ[:5]}) came back "
+                       f"with other tokens than {baseline}'s on the same trace; a time counts only for a run that "
+                       "served the trace (the correctness criteria show where)")
+        worst = max(worst, len(differ))
+    return worst

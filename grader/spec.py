@@ -110,17 +110,23 @@ def call_in_place(fn: Callable, *args) -> tuple[Any, tuple]:
     """(what ``fn(*args)`` returned, the arguments as it left them): for learner functions that write into
     their arguments (a kernel's ``out``, a KV cache). A learner function in a worker sends them back
     (``grader.remote``); one in this process changed the objects themselves."""
-    remote_call = getattr(fn, "call", None)
-    if callable(remote_call) and type(fn).__name__ == "RemoteFunction":
-        return remote_call(args, {}, echo=True)
+    if _in_worker(fn):
+        return fn.call(args, {}, echo=True)
     return fn(*args), args
+
+
+def _in_worker(fn: Callable) -> bool:
+    """Is ``fn`` a proxy to a learner function in a worker (``grader.remote``), not one in this process?"""
+    from grader.remote import RemoteFunction  # grader.remote imports this module: import late
+
+    return isinstance(fn, RemoteFunction)
 
 
 def bench_calls(fn: Callable, recipe: dict, kwargs: dict, indices: list[int], device: str) -> tuple[float, list]:
     """(seconds for ``recipe['repeat']`` calls of ``fn`` on a problem built from ``recipe``, the outputs of calls
     ``indices``), timed by this process: for a worker's function the problem is built there
     (``grader.remote``), for one in this process here."""
-    if type(fn).__name__ == "RemoteFunction":
+    if _in_worker(fn):
         return fn.bench(recipe, kwargs, indices)
     from servelab.device import synchronize
     from servelab.paged.bench import build_problem

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import replace
 
-from grader.checks import compare_tokens, speed_verdict, token_list
+from grader.checks import compare_tokens, speed_verdict, timed_runs_differ, token_list
 from grader.spec import Blocked, Context, Fail, GradingError, Lab, Learner, Outcome, _cached
 
 LAB = Lab(
@@ -543,7 +543,7 @@ def continuous_speedup(learner: Learner, ctx: Context) -> Outcome:
         runs["continuous"].append(_run(learner, "continuous_batching", model, reqs, 8, 2048, eos, WallClock()))
 
     timing = paired_benchmark(static, continuous, repeats=2 if ctx.quick else 3, warmup=0, device=model.device)
-    differ = _timed_runs_differ(runs, reqs)
+    differ = timed_runs_differ(runs["static"], runs["continuous"], reqs, "static batching")
     step_ratio = runs["static"][0].steps / max(1, runs["continuous"][0].steps)
     deterministic = f"{step_ratio:.2f}x fewer steps in the same runs"
     hint = ""
@@ -559,25 +559,6 @@ def continuous_speedup(learner: Learner, ctx: Context) -> Outcome:
                          {"static_steps": runs["static"][0].steps, "continuous_steps": runs["continuous"][0].steps,
                           "requests_differing_from_static": differ},
                          hint)
-
-
-MAX_DIFFERING = 0.05  # batched float math may flip a rare near-tie argmax between two batchings; more is a bug
-
-
-def _timed_runs_differ(runs: dict[str, list], reqs) -> int:
-    """A time counts only for a run that served the trace: every timed continuous run is checked against the
-    static run of the same pair (the correctness criteria check each request exactly; here a near-tie
-    between two batchings may differ). Returns the most requests any run got different."""
-    worst = 0
-    for k, (ref, run) in enumerate(zip(runs["static"], runs["continuous"])):
-        differ = [r.id for r in reqs if r.id not in run.completions
-                  or list(run.completions[r.id].tokens) != list(ref.completions[r.id].tokens)]
-        if len(differ) > MAX_DIFFERING * len(reqs):
-            raise Fail(f"timed run {k + 1}: {len(differ)} of {len(reqs)} requests (e.g. {differ[:5]}) came back with "
-                       "other tokens than static batching's on the same trace; a time counts only for a run that "
-                       "served the trace (the correctness criteria show where)")
-        worst = max(worst, len(differ))
-    return worst
 
 
 @LAB.criterion("vllm_side_by_side", "gpu", 0, exercise="continuous_batching", timeout_s=600)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 
-from grader.checks import speed_verdict
+from grader.checks import speed_verdict, timed_runs_differ
 from grader.spec import Context, Fail, Lab, Learner, Outcome, bench_calls, call_in_place
 
 LAB = Lab(
@@ -34,7 +34,9 @@ MIN_KV_EFFICIENCY = 0.96  # used / reserved token-steps: under 4% waste (the vLL
 
 
 def _blocks_for(n: int, block_size: int) -> int:
-    return -(-n // block_size)
+    from servelab.paged.cache import blocks_for  # imported late: the lab registry loads without torch
+
+    return blocks_for(n, block_size)
 
 
 # ----------------------------------------------------------------------------- part 1: kv_usage
@@ -389,12 +391,12 @@ def paged_decode_split_matches(learner: Learner, ctx: Context) -> Outcome:
 
 
 # ----------------------------------------------------------------------------- part 5: the engine
-def _engine(learner: Learner, *args):
+def _engine(learner: Learner, *args, exercise: str = "paged_continuous_batching"):
     from servelab.engine import PagedEngineRun
 
-    run = learner.fn("paged_continuous_batching")(*args)
+    run = learner.fn(exercise)(*args)
     if not isinstance(run, PagedEngineRun):
-        raise Fail(f"paged_continuous_batching returned {type(run).__name__}; expected a servelab.engine.PagedEngineRun")
+        raise Fail(f"{exercise} returned {type(run).__name__}; expected a servelab.engine.PagedEngineRun")
     return run
 
 
@@ -542,12 +544,7 @@ def paged_throughput(learner: Learner, ctx: Context) -> Outcome:
         lambda: runs["paged"].append(_engine(learner, model, reqs, 256, 4096, eos, WallClock(), num_blocks, BLOCK,
                                              BUDGET_MAX_LEN)),
         repeats=2 if ctx.quick else 3, warmup=0, device=model.device)
-    for k, (ref, run) in enumerate(zip(runs["contiguous"], runs["paged"])):  # a time counts only for a right run
-        differ = [r.id for r in reqs if r.id not in run.completions
-                  or list(run.completions[r.id].tokens) != list(ref.completions[r.id].tokens)]
-        if len(differ) > 0.05 * len(reqs):
-            raise Fail(f"timed run {k + 1}: {len(differ)} of {len(reqs)} requests (e.g. {differ[:5]}) differ from lab "
-                       "01's engine on the same trace; a time counts only for a run that served the trace")
+    timed_runs_differ(runs["contiguous"], runs["paged"], reqs, "lab 01's engine")
     step_ratio = runs["contiguous"][0].steps / max(1, runs["paged"][0].steps)
     return speed_verdict(f"half the skewed trace ({len(reqs)} requests) in the same KV memory: paged / contiguous "
                          "throughput", timing, ctx.threshold, ctx.device_class,

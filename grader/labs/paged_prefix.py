@@ -22,17 +22,10 @@ BLOCK = 4
 MIN_SAVING = 3.0  # the CPU / GPU threshold (a token count: the same on every device); see _prefill_saving
 
 
-def _blocks_for(n: int, block_size: int) -> int:
-    return -(-n // block_size)
-
-
 def _engine(learner: Learner, *args):
-    from servelab.engine import PagedEngineRun
+    from grader.labs.lab02_paged import _engine  # lab02_paged imports this module: import late
 
-    run = learner.fn(EXERCISE)(*args)
-    if not isinstance(run, PagedEngineRun):
-        raise Fail(f"{EXERCISE} returned {type(run).__name__}; expected a servelab.engine.PagedEngineRun")
-    return run
+    return _engine(learner, *args, exercise=EXERCISE)
 
 
 def _shared_trace(ctx: Context, salt: str, n: int, system: int, question: tuple[int, int], out: tuple[int, int],
@@ -100,13 +93,14 @@ def prefix_cache_matches_alone(learner: Learner, ctx: Context) -> Outcome:
     from grader.labs.lab01_batching import _check_outputs, _eos_case, _requests
     from grader.probes import CountingModel
     from servelab.engine import StepClock
+    from servelab.paged.cache import blocks_for
 
     n = 8 if ctx.quick else 12
     shared = _shared_trace(ctx, "prefix-shared", n, 8 * BLOCK, (1, 10), (2, 16), rate=30.0)
     plain = _requests(ctx, "prefix-plain", n, (2, 20), (2, 20), rate=40.0)
     two = _shared_trace(ctx, "prefix-tight", n, 6 * BLOCK, (1, 10), (2, 20), rate=60.0, systems=2)
     # tight: the largest request alone and a little more, far less than two system prompts and 4 runners
-    tight = max(_blocks_for(r.prompt_len + r.max_new_tokens - 1, BLOCK) for r in two) + 3
+    tight = max(blocks_for(r.prompt_len + r.max_new_tokens - 1, BLOCK) for r in two) + 3
     big = replace(two[-1], id=len(two), prompt_ids=two[-1].prompt_ids[:4], max_new_tokens=4 * tight + 1)
     eos = _eos_case(ctx, shared)
     cases = (("shared system prompt, 256 blocks of 4", shared, 256, None),
