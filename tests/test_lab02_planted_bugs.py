@@ -28,6 +28,9 @@ CLASSIC = [
        "        l_i = l_i + tl.sum(p, 1)\n        acc = acc +")], "paged_decode_matches", "expected"),
     ("paged_decode: tokens past the sequence not masked",
      [("        s = tl.where(mask_n[None, :], s, float(\"-inf\"))", "        s = s")], "paged_decode_matches", "expected"),
+    ("split-KV: the merge ignores each split's log-sum-exp",
+     [("w = tl.exp(lse - tl.max(lse, 0))", "w = tl.where(offs_s < live, 1.0, 0.0)")],
+     "paged_decode_split_matches", "expected"),
     ("engine: a preempted sequence goes to the back of the queue",
      [("                waiting.appendleft((victim.request, victim.out))\n                run.preemptions += 1\n"
        "            if seq_id in running:\n                blocks.append_slot(seq_id)\n        budget = max_step_tokens - len(running)\n        admitted: list[Active] = []",
