@@ -40,6 +40,16 @@ CLASSIC = [
     ("engine: reserved memory counts every block of the cache",
      [("run.kv_tokens_used.append(sum(blocks.lengths.values()))\n        run.kv_tokens_reserved.append((num_blocks - blocks.num_free_blocks) * block_size)",
        "run.kv_tokens_used.append(sum(blocks.lengths.values()))\n        run.kv_tokens_reserved.append(num_blocks * block_size)")], "paged_kv_efficiency", "waste"),
+    ("engine: one decode forward per running sequence instead of one batched forward",
+     [("            positions = torch.tensor([[len(running[i].context) - 1] for i in ids])\n"
+       "            forwards.append((ids, model(last, positions, cache.view([blocks.block_table(i) for i in ids], "
+       "blocks.take_copies()))[:, -1].argmax(-1)))",
+       "            positions = torch.tensor([[len(running[i].context) - 1] for i in ids])\n"
+       "            copies = blocks.take_copies()\n"
+       "            for row, i in enumerate(ids):\n"
+       "                forwards.append(([i], model(last[row:row + 1], positions[row:row + 1], cache.view("
+       "[blocks.block_table(i)], copies if row == 0 else []))[:, -1].argmax(-1)))")],
+     "paged_throughput", "below the 1.0x threshold"),
     ("engine: admission capped at 8 sequences, as with lab 01's slots",
      [("lanes = list(range(max_running - 1, -1, -1))  # pop()", "lanes = list(range(min(max_running, 8) - 1, -1, -1))  # pop()")],
      "paged_concurrency", "below the 3.0x threshold"),
