@@ -464,8 +464,9 @@ def formula(learner: Learner, ctx: Context) -> Outcome:
         want = (g + 1 if a == 1 else (1 - a ** (g + 1)) / (1 - a)) / (g * c + v)
         got = fn(a, g, c, v)
         if not isinstance(got, float | int) or not math.isclose(got, want, rel_tol=1e-6):
-            raise Fail(f"predicted_speedup({a:.4f}, {g}, {c:.4f}, {v:.4f}) returned {got!r}; expected {want:.6f}",
-                       "at alpha = 1 use the limit gamma + 1 for (1 - alpha^(gamma+1)) / (1 - alpha)")
+            hint = ("at alpha = 1 use the limit gamma + 1 for (1 - alpha^(gamma+1)) / (1 - alpha)" if a == 1 else
+                    "expected tokens per round (1 - alpha^(gamma+1)) / (1 - alpha), over a round's cost gamma*c + v")
+            raise Fail(f"predicted_speedup({a:.4f}, {g}, {c:.4f}, {v:.4f}) returned {got!r}; expected {want:.6f}", hint)
     for bad in ((1.5, 4, 0.1, 1.0), (0.5, 0, 0.1, 1.0), (0.5, 4, -0.1, 1.0)):
         try:
             fn(*bad)
