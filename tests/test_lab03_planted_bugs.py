@@ -27,3 +27,18 @@ def test_classic_bug_fails_its_criterion(name, edits, criterion, words):
     res = run_criterion(lab03.LAB.get(criterion), plant(solution, *edits), Context("03_speculative", quick=True, seed=3))
     assert res.status == "failed", f"{name}: {criterion} {res.status}: {res.message}"
     assert words in res.message, f"{name}: {res.message}"
+
+
+def test_a_one_token_prompt_has_no_prefill_to_skip():
+    """A 1-token prompt's first round starts at position 0: it is a verify forward, not a prefill (a CI run with
+    such a hidden prompt once counted one verify too few)."""
+    from servelab import load_draft, load_model
+
+    target, draft = load_model(), load_draft()
+    for name, args in (("speculative_lookup", ()), ("speculative_greedy", (draft,))):
+        rec = lab03.Recorder(target, draft if args else None)
+        fn = getattr(solution, name)
+        run = fn(rec.target, *((rec.draft,) if args else ()), [5], 12, 4)
+        lab03._one_verify_per_round(rec, run, "1-token prompt", name, 1)
+        if args:
+            assert len(lab03._after_prefill(rec.draft.calls, 1)) == run.draft_forwards

@@ -178,8 +178,14 @@ def _run(learner: Learner, name: str, *args) -> object:
     return run
 
 
-def _one_verify_per_round(rec: Recorder, run, case: str, name: str) -> None:
-    verifies = [c for c in rec.target.calls if c.positions[0][0] != 0]  # the probe's record: not a prefill
+def _after_prefill(calls: list, prompt_len: int) -> list:
+    """The forwards after a model's prefill of prompt[:-1], from the probe's record. A 1-token prompt has no
+    prefill: its first round's forwards start at position 0 too."""
+    return [c for c in calls if c.positions[0][0] != 0 or prompt_len == 1]
+
+
+def _one_verify_per_round(rec: Recorder, run, case: str, name: str, prompt_len: int) -> None:
+    verifies = _after_prefill(rec.target.calls, prompt_len)
     if len(verifies) != len(run.rounds):
         raise Fail(f"{case}: {name} called the target {len(verifies)} times after the prefill for {len(run.rounds)} "
                    "rounds; expected exactly one verify forward per round",
@@ -223,7 +229,7 @@ def greedy_identical(learner: Learner, ctx: Context) -> Outcome:
                                first_hint="the first round starts from the prompt's last token",
                                later_hint="accept drafts only while they equal the target's argmax; then append the "
                                           "target's token at the first mismatch (or the bonus token)")
-                _one_verify_per_round(rec, run, case, "speculative_greedy")
+                _one_verify_per_round(rec, run, case, "speculative_greedy", len(prompt))
                 if label == "draft = target" and run.accepted != run.drafted:
                     raise Fail(f"{case}: with the target as its own draft only {run.accepted} of {run.drafted} drafts "
                                "were accepted; every one should be")
@@ -307,11 +313,11 @@ def bookkeeping(learner: Learner, ctx: Context) -> Outcome:
                 raise Fail(f"{case}: the run records (accepted, checked, rounds) = {mine}; a replay of the same tokens "
                            f"gives {(ref.accepted, ref.checked, ref.rounds)}",
                            "a round drafts min(gamma, tokens still to produce); record (drafted, accepted) per round")
-            draft_calls = sum(1 for c in rec.draft.calls if c.positions[0][0] != 0)
+            draft_calls = len(_after_prefill(rec.draft.calls, len(prompt)))
             if run.target_forwards != len(run.rounds) or run.draft_forwards != draft_calls:
                 raise Fail(f"{case}: target_forwards {run.target_forwards}, draft_forwards {run.draft_forwards}; the "
                            f"grader saw {len(run.rounds)} verify and {draft_calls} draft forwards after the prefills")
-            _one_verify_per_round(rec, run, case, "speculative_greedy")
+            _one_verify_per_round(rec, run, case, "speculative_greedy", len(prompt))
             n += 1
     return Outcome(True, f"{n} runs: rounds, alpha and forward counts equal the replay", {"runs": n})
 
@@ -442,7 +448,7 @@ def lookup_identical(learner: Learner, ctx: Context) -> Outcome:
             run = _run(learner, "speculative_lookup", rec.target, prompt, 32, g)
             case = f"gamma={g}, {what}"
             compare_tokens(expected, token_list(run.tokens, "speculative_lookup", case), case, target, prompt)
-            _one_verify_per_round(rec, run, case, "speculative_lookup")
+            _one_verify_per_round(rec, run, case, "speculative_lookup", len(prompt))
             n += 1
     prompt = speed_prompts(ctx, "lookup", 1)[0]  # a trace lookup proposes on, so EOS can fall among accepted drafts
     full = reference_greedy(target, prompt, 32)
