@@ -9,6 +9,7 @@ before servelab in the wrong mode (the notebook mistake this guards against).
 """
 from __future__ import annotations
 
+import ctypes
 import importlib
 import os
 import platform
@@ -26,7 +27,31 @@ class DeviceError(RuntimeError):
 
 
 def cuda_available() -> bool:
-    return torch.cuda.is_available()
+    """Whether this machine has a CUDA GPU, asked without initialising the CUDA driver in this process.
+
+    ``torch.cuda.is_available()`` calls cudaGetDeviceCount, which initialises the driver (cuInit), and then no
+    process forked from this one can use the GPU: lab 04 forks its ranks. ``torch.cuda.device_count()`` asks
+    NVML instead until CUDA is in use (it falls back to the CUDA runtime where NVML is missing)."""
+    return torch.cuda.device_count() > 0
+
+
+def cuda_initialized() -> bool:
+    """Whether this process has initialised CUDA: torch has (a model or tensor went to the GPU), or anything
+    has initialised the CUDA driver (``torch.cuda.is_available()``, another library). Children forked from
+    such a process cannot use the GPU."""
+    return torch.cuda.is_initialized() or _cuda_driver_initialized()
+
+
+def _cuda_driver_initialized() -> bool:
+    if torch.version.cuda is None:  # a CPU build of torch
+        return False
+    try:
+        libcuda = ctypes.CDLL("libcuda.so.1")
+    except OSError:  # no NVIDIA driver on this machine
+        return False
+    count = ctypes.c_int()
+    # every driver call returns CUDA_ERROR_NOT_INITIALIZED (3) before cuInit; 0 (success) means after it
+    return libcuda.cuDeviceGetCount(ctypes.byref(count)) == 0
 
 
 def get_device(request: str | torch.device | None = None) -> torch.device:
@@ -50,9 +75,10 @@ def get_device(request: str | torch.device | None = None) -> torch.device:
 
 
 def _indexed(dev: torch.device) -> torch.device:
-    """'cuda' -> 'cuda:0' (the current GPU): tensors report their device with its index, so compare like that."""
+    """'cuda' -> 'cuda:0' (the current GPU): tensors report their device with its index, so compare like that.
+    Until CUDA is in use the current GPU is 0; asking torch would initialise CUDA (see cuda_available)."""
     if dev.type == "cuda" and dev.index is None:
-        return torch.device("cuda", torch.cuda.current_device())
+        return torch.device("cuda", torch.cuda.current_device() if torch.cuda.is_initialized() else 0)
     return dev
 
 
@@ -132,6 +158,24 @@ def paged_backend(device: str | torch.device | None = None) -> str:
 def dist_backend() -> str:
     """torch.distributed backend for the disaggregation lab: NCCL between GPUs, gloo on CPU."""
     return "nccl" if cuda_available() and torch.distributed.is_nccl_available() else "gloo"
+
+
+def rank_devices(world_size: int, request: str | torch.device | None = None) -> list[torch.device]:
+    """Each rank's device for the disaggregation lab (``get_device(request)`` decides CPU or CUDA): one GPU
+    per rank when the machine has enough, else every rank on the same GPU (a shared card)."""
+    base = get_device(request)
+    if base.type != "cuda":
+        return [base] * world_size
+    if torch.cuda.device_count() >= world_size:
+        return [torch.device("cuda", r) for r in range(world_size)]
+    return [base] * world_size
+
+
+def ranks_backend(devices: list[torch.device]) -> str:
+    """torch.distributed backend between ranks on ``devices``: ``dist_backend()`` when every rank has a GPU
+    of its own, gloo otherwise (CPU ranks; or ranks sharing one GPU, which NCCL refuses to connect)."""
+    own_gpus = all(d.type == "cuda" for d in devices) and len(set(devices)) == len(devices)
+    return dist_backend() if own_gpus else "gloo"
 
 
 # ----------------------------------------------------------------------------- Triton

@@ -33,7 +33,9 @@ def _cuda_device(device: Any) -> Any:
 def _sync_if_cuda_in_use() -> None:
     # device=None still waits for a GPU that this process has used, so queued kernels are not missed.
     torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available() and torch.cuda.is_initialized():
+    # is_initialized only: is_available() would initialise the CUDA driver, and forked ranks (lab 04)
+    # could not use the GPU after that
+    if torch is not None and torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 

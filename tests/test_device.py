@@ -110,6 +110,30 @@ def test_cuda_device_comes_with_its_index(monkeypatch):
     assert device.get_device("cuda:1") == torch.device("cuda", 1)
 
 
+def test_asking_for_a_gpu_does_not_initialise_cuda(monkeypatch):
+    """Lab 04 forks its ranks, and a forked child cannot use a GPU whose driver its parent initialised: so
+    cuda_available() counts GPUs through NVML (torch.cuda.device_count) and get_device() says cuda:0 until
+    CUDA is in use, never calling what would initialise it. The GPU is faked here."""
+    def initialises(*args, **kwargs):
+        raise AssertionError("this call initialises the CUDA driver")
+
+    monkeypatch.setattr(torch.cuda, "is_available", initialises)
+    monkeypatch.setattr(torch.cuda, "current_device", initialises)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    monkeypatch.delenv(device.DEVICE_ENV, raising=False)
+    assert device.cuda_available()
+    assert device.get_device() == torch.device("cuda", 0)
+    assert device.rank_devices(2) == [torch.device("cuda", 0), torch.device("cuda", 1)]
+
+
+def test_cuda_initialized_probe(monkeypatch):
+    if not torch.cuda.is_available():
+        assert not device.cuda_initialized()
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    assert device.cuda_initialized()
+
+
 def test_device_choice_says_why(monkeypatch):
     """What doctor and the tour report: the device the labs will use and where that choice came from."""
     monkeypatch.delenv(device.DEVICE_ENV, raising=False)
