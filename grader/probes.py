@@ -68,18 +68,21 @@ class CountingModel:
 
 class CountingClock:
     """A StepClock whose step() calls the grader counts itself: a step count that does not rest on what the
-    engine reports (``run.steps``)."""
+    engine reports (``run.steps``). Each step also takes a number from the sequence that numbers every
+    ``RecordingModel`` forward (``marks``): a forward numbered below ``marks[i]`` and above ``marks[i - 1]``
+    ran in step i + 1, so a criterion can add up what each step computed."""
 
     def __init__(self, step_s: float = 0.01):
         from servelab.engine import StepClock
 
-        self.clock, self.steps = StepClock(step_s), 0
+        self.clock, self.steps, self.marks = StepClock(step_s), 0, []
 
     def now(self) -> float:
         return self.clock.now()
 
     def step(self) -> None:
         self.steps += 1
+        self.marks.append(next(_FORWARDS))
         self.clock.step()
 
     def wait_until(self, t: float) -> None:

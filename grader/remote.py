@@ -303,7 +303,7 @@ class Handles:
             return {"$wrap": "vocab", "extra": x.extra, "model": self.model(x.model)}
         if isinstance(x, CountingClock):
             return {"$clock": self._add(x), "kind": "counting", "step_s": x.clock.step_s, "t": x.clock.t,
-                    "steps": x.steps}
+                    "steps": x.steps, "marks": list(x.marks)}
         if engine is not None and isinstance(x, engine.StepClock):
             return {"$clock": self._add(x), "kind": "step", "step_s": x.step_s, "t": x.t}
         if engine is not None and isinstance(x, engine.WallClock):
@@ -344,6 +344,10 @@ class Handles:
                     obj.calls = calls
                 elif isinstance(obj, CountingClock):
                     obj.steps, obj.clock.t = _int(s["steps"]), float(s["t"])
+                    marks = [_int(m) for m in s.get("marks", [])]
+                    if len(marks) != obj.steps or any(b <= a for a, b in zip(marks, marks[1:])):
+                        raise ValueError(f"{len(marks)} step marks for {obj.steps} steps, or not increasing")
+                    obj.marks = marks
                 elif torch is not None and isinstance(obj, torch.Generator):
                     _set_generator(obj, s["generator"])
                 elif hasattr(obj, "t"):

@@ -157,3 +157,27 @@ class PagedEngineRun(EngineRun):
     def prefix_hit_rate(self) -> float:
         """Share of the admitted context tokens whose K/V came from the prefix cache (0 without one)."""
         return self.prefix_hit_tokens / max(1, self.prompt_tokens)
+
+
+@dataclass
+class Transfer:
+    """One request's KV handover from the prefill worker to the decode worker, as the decode side saw it."""
+
+    request_id: int
+    bytes: int  # payload received: every layer's K and V blocks and the tail
+    seconds: float  # from the header's arrival to the last payload's
+
+    @property
+    def gb_per_s(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+@dataclass
+class DisaggRun(EngineRun):
+    """A run of 1 prefill worker + 1 decode worker (lab 04): completions from both, and what moved between them."""
+
+    overlap: bool = False  # KV sent layer by layer during the prefill forward
+    transfers: list[Transfer] = field(default_factory=list)
+    rank_errors: dict[str, str] = field(default_factory=dict)  # rank name -> what went wrong ("" when it ended well)
+    prefill_forwards: list[list[int]] = field(default_factory=list)  # [batch, tokens] of each prefill-side forward
+    decode_forwards: list[list[int]] = field(default_factory=list)  # [batch, tokens] of each decode-side forward

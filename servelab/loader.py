@@ -122,7 +122,7 @@ def load_model(name_or_path: str | os.PathLike | None = None, device: str | torc
     if missing or unexpected:
         raise UnsupportedModelError(f"{path}: weights do not match a {cfg.architecture} model "
                                     f"(missing {missing[:5]}, unexpected {unexpected[:5]})")
-    model.name = path.name
+    model.name, model.source = path.name, str(path)  # source: where a worker process loads it again
     if fuse_projections:
         model.fuse_projections()
     return model.to(device=get_device(device), dtype=dtype).eval()

@@ -269,3 +269,24 @@ def standard_trace(name: str, encode: Any = None, corpus_tokens: list[int] | Non
                        default_seed if seed is None else seed, encode=encode, corpus_tokens=corpus_tokens)
     trace.params.update(standard=name, scale=scale)
     return trace
+
+
+def mixed_trace(rate_per_s: float = 12.0, n_requests: int = 40, seed: int = 4, encode: Any = None,
+                corpus_tokens: list[int] | None = None, doc_share: float = 0.6) -> Trace:
+    """Prefill/decode interference (lab 04): chat requests (prompts 16-48 tokens, outputs 96-128) mixed with
+    document requests (prompts 384-768 tokens, outputs 2-4), Poisson arrivals at ``rate_per_s`` in all,
+    a ``doc_share`` of them documents. Every long prompt that lands stalls the chats that are decoding."""
+    if not 0 < doc_share < 1:
+        raise ValueError(f"doc_share must be in (0, 1), got {doc_share}")
+    n_docs = max(1, round(n_requests * doc_share))
+    n_chat = max(1, n_requests - n_docs)
+    src = {"encode": encode, "corpus_tokens": corpus_tokens}
+    chat = make_trace("chat", n_chat, uniform(16, 48), uniform(96, 128), poisson(rate_per_s * n_chat / n_requests),
+                      seed, **src)
+    docs = make_trace("docs", n_docs, uniform(384, 768), uniform(2, 4), poisson(rate_per_s * n_docs / n_requests),
+                      seed + 1, **src)
+    merged = sorted(chat.requests + docs.requests, key=lambda r: (r.arrival_s, len(r.prompt_ids)))
+    requests = [Request(i, r.prompt_ids, r.max_new_tokens, r.arrival_s, r.prompt_text) for i, r in enumerate(merged)]
+    params = {"rate_per_s": rate_per_s, "n_requests": len(requests), "doc_share": doc_share, "chat": chat.params,
+              "docs": docs.params}
+    return Trace("mixed", requests, seed, params)

@@ -62,10 +62,11 @@ class RankResult:
 
 
 def run_ranks(fns: Sequence[Callable[[RankContext], Any]], names: Sequence[str] | None = None,
-              timeout_s: float = 120, threads_per_rank: int = 1) -> list[RankResult]:
+              timeout_s: float = 120, threads_per_rank: int = 1, last: int | None = None) -> list[RankResult]:
     """Run ``fns[r](ctx)`` in rank r's own forked process (1 or 2 ranks) and return one RankResult per
     rank. With two ranks each gets a Link to the other. Values must be picklable; tensors come back on the
-    CPU. Never raises for a rank's failure: that is in its RankResult."""
+    CPU. Never raises for a rank's failure: that is in its RankResult. ``last``: the rank that ends the run
+    (the decode worker): once it has ended, the others get GRACE_S to end too, like after a failure."""
     world_size = len(fns)
     if world_size not in (1, 2):
         raise ValueError(f"run_ranks runs 1 or 2 ranks, got {world_size} functions")
@@ -89,11 +90,18 @@ def run_ranks(fns: Sequence[Callable[[RankContext], Any]], names: Sequence[str] 
                     proc.start()
                 ranks.append(_Rank(r, name, proc, reader, start))
                 writer.close()  # the child holds the only writer: its death reads as end of file here
-            _supervise(ranks, deadline, timeout_s)
+            _supervise(ranks, deadline, timeout_s, last)
         finally:  # also on KeyboardInterrupt (a notebook's interrupt button)
             for rk in ranks:
                 rk.kill("")
     return [rk.result() for rk in ranks]
+
+
+def raise_not_implemented(results: list[RankResult]) -> None:
+    """Re-raise a rank's NotImplementedError here: an exercise not written yet is not a transfer failure."""
+    for res in results:
+        if not res.ok and " raised NotImplementedError" in res.error:
+            raise NotImplementedError(res.error)
 
 
 def _check_fork_safe() -> None:
@@ -266,13 +274,14 @@ def _death(exitcode: int | None) -> str:
     return f"exited with code {exitcode} before returning a result"
 
 
-def _supervise(ranks: list[_Rank], deadline: float, timeout_s: float) -> None:
+def _supervise(ranks: list[_Rank], deadline: float, timeout_s: float, last: int | None = None) -> None:
     """Wait for every rank to end, killing those that run past the deadline, outlive a failed peer by
     GRACE_S, or linger EXIT_S after reporting."""
     grace_until = None
     while any(rk.alive for rk in ranks):
         now = time.monotonic()
-        if grace_until is None and any(rk.failed for rk in ranks):
+        ended = last is not None and not ranks[last].alive
+        if grace_until is None and (ended or any(rk.failed for rk in ranks)):
             grace_until = now + GRACE_S
         for rk in ranks:
             if not rk.alive:
@@ -282,8 +291,9 @@ def _supervise(ranks: list[_Rank], deadline: float, timeout_s: float) -> None:
             elif rk.reported_at is not None and now >= rk.reported_at + EXIT_S:
                 rk.kill("")  # it has reported; only its exit hangs
             elif grace_until is not None and now >= grace_until and rk.record is None:
-                failed = ", ".join(o.label for o in ranks if o.failed and o is not rk)
-                rk.kill(f"was killed {GRACE_S:g} s after {failed} failed, still running (probably waiting "
+                peers = [o.label for o in ranks if o.failed and o is not rk]
+                after = f"{', '.join(peers)} failed" if peers else f"{ranks[last].label} ended"
+                rk.kill(f"was killed {GRACE_S:g} s after {after}, still running (probably waiting "
                         "for a message that will never come)")
         alive = [rk for rk in ranks if rk.alive]
         if not alive:

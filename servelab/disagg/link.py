@@ -37,7 +37,8 @@ import torch.distributed as dist
 
 from servelab.device import pinned_memory_available
 
-HEADER_FIELDS = ("kind", "request_id", "num_tokens", "first_token", "num_blocks", "t_first_us")  # int64 each
+HEADER_FIELDS = ("kind", "request_id", "num_tokens", "max_new_tokens", "first_token", "num_blocks",
+                 "t_first_us")  # int64 each
 KIND_KV, KIND_DONE, KIND_ERROR = 0, 1, 2
 HEADER_BYTES = len(HEADER_FIELDS) * 8
 

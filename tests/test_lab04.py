@@ -1,0 +1,148 @@
+"""Lab 04 (disaggregation): its library pieces, and classic wrong implementations planted into the solution,
+each failing a named criterion with words that fit."""
+from __future__ import annotations
+
+import pytest
+import torch
+from planted import planted as plant
+
+import servelab.reference.disaggregation as solution
+from grader.labs import lab04_disagg as lab04
+from grader.spec import Context, run_criterion
+from servelab.workloads import mixed_trace
+
+CLASSIC = [
+    ("chunked: decodes not counted in the step's budget",
+     [("        budget = step_tokens - len(decoding)\n", "        budget = step_tokens\n")],
+     "chunked_budget", "the budget is step_tokens"),
+    ("chunked: a whole prompt in one step, whatever the budget",
+     [("            n = min(budget, r.prompt_len)\n", "            n = r.prompt_len\n")],
+     "chunked_budget", "the budget is step_tokens"),
+    ("chunked: every chunk at positions from 0",
+     [("        positions[row, width - n:] = torch.arange(seq.computed, seq.computed + n)",
+       "        positions[row, width - n:] = torch.arange(n)")],
+     "chunked_identical", "diverged at token"),
+    ("connector: V sent before K",
+     [("    return [link.isend(cache.k[layer][index]), link.isend(cache.v[layer][index])]",
+       "    return [link.isend(cache.v[layer][index]), link.isend(cache.k[layer][index])]")],
+     "kv_transfer_bitwise", "differs at block"),
+    ("connector: received blocks scattered in sorted order, not table order",
+     [("    index = torch.tensor(table, device=cache.k[0].device)",
+       "    index = torch.tensor(sorted(table), device=cache.k[0].device)")],
+     "kv_transfer_bitwise", "differs at block"),
+    ("decode worker: receives into every reserved block, not only the prompt's",
+     [("recv_kv(link, cache, table[:blocks_for(header[\"num_tokens\"], block_size)])",
+       "recv_kv(link, cache, table)")],
+     "disagg_identical", "request"),
+    ("decode worker: a timed-out transfer is not caught",
+     [("                except TransferTimeout as err:", "                except KeyError as err:")],
+     "disagg_robust", "request 0"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,edits,criterion,words", CLASSIC, ids=[c[0] for c in CLASSIC])
+def test_classic_bug_fails_its_criterion(name, edits, criterion, words):
+    res = run_criterion(lab04.LAB.get(criterion), plant(solution, *edits),
+                        Context("04_disaggregation", quick=True, seed=3))
+    assert res.status == "failed", f"{name}: {criterion} {res.status}: {res.message}"
+    assert words in res.message, f"{name}: {res.message}"
+
+
+def test_mixed_trace_is_seeded_and_mixed():
+    a, b = mixed_trace(n_requests=20, corpus_tokens=list(range(2000))), mixed_trace(n_requests=20,
+                                                                                     corpus_tokens=list(range(2000)))
+    assert [(r.prompt_ids, r.max_new_tokens, r.arrival_s) for r in a.requests] == \
+        [(r.prompt_ids, r.max_new_tokens, r.arrival_s) for r in b.requests]
+    docs = [r for r in a.requests if r.prompt_len >= 384]
+    assert len(docs) == 12 and all(2 <= r.max_new_tokens <= 4 for r in docs)
+    assert all(96 <= r.max_new_tokens <= 128 for r in a.requests if r not in docs)
+    assert [r.id for r in a.requests] == list(range(20))
+    assert all(x.arrival_s <= y.arrival_s for x, y in zip(a.requests, a.requests[1:]))
+    with pytest.raises(ValueError, match="doc_share"):
+        mixed_trace(corpus_tokens=list(range(2000)), doc_share=1.0)
+
+
+def test_after_each_layer_runs_once_per_layer_and_changes_nothing():
+    from servelab import load_model
+    from servelab.disagg.hooks import after_each_layer
+    from servelab.paged.cache import PagedKVCache
+
+    model = load_model()
+    ids = torch.randint(1, 4000, (1, 9), generator=torch.Generator().manual_seed(0))
+    plain, hooked = (PagedKVCache.for_model(model, 4, 4) for _ in range(2))
+    seen = []
+    want = model(ids, torch.arange(9)[None], plain.view([[0, 1, 2]]))
+    got = model(ids, torch.arange(9)[None], after_each_layer(hooked.view([[0, 1, 2]]), seen.append))
+    assert seen == list(range(model.config.num_layers))
+    assert torch.equal(want, got) and all(torch.equal(a, b) for a, b in zip(plain.k + plain.v, hooked.k + hooked.v))
+
+
+def test_serve_colocated_runs_here_and_restores_threads():
+    from servelab import load_model
+    from servelab.disagg.serve import serve_colocated
+    from servelab.reference.paged import paged_continuous_batching
+    from servelab.reference.warmup import greedy_decode
+
+    model, before = load_model(), torch.get_num_threads()
+    reqs = mixed_trace(n_requests=3, corpus_tokens=list(range(1, 2000)), rate_per_s=1000.0).requests
+    run = serve_colocated(paged_continuous_batching, model, reqs, None, threads=1, max_running=4,
+                          max_step_tokens=4096, num_blocks=256, block_size=16)
+    assert torch.get_num_threads() == before
+    for r in reqs:
+        assert run.completions[r.id].tokens == greedy_decode(model, r.prompt_ids, r.max_new_tokens)
+
+
+def test_counting_clock_marks_split_forwards_into_steps():
+    from grader.probes import CountingClock, RecordingModel
+    from servelab import load_model
+
+    model = load_model()
+    probe, clock = RecordingModel(model), CountingClock()
+    for n in (1, 2, 0, 1):  # forwards per step; a step may run none
+        for _ in range(n):
+            probe(torch.tensor([[1, 2]]), torch.tensor([[0, 1]]))
+        clock.step()
+    steps = [sum(m < f.seq for m in clock.marks) for f in probe.forwards]
+    assert steps == [0, 1, 1, 3] and clock.steps == 4
+
+
+def test_the_last_rank_ending_ends_the_run():
+    """serve_disaggregated's decode worker is the last rank: once it has returned, a prefill worker that still
+    hangs is killed after the grace period, not at the deadline."""
+    import time
+
+    from servelab.disagg.launch import GRACE_S, run_ranks
+
+    t0 = time.monotonic()
+    hang, done = run_ranks([lambda ctx: time.sleep(60), lambda ctx: "done"], names=["prefill", "decode"],
+                           timeout_s=30, last=1)
+    assert done.ok and done.value == "done"
+    assert not hang.ok and "after rank 1 (decode) ended" in hang.error
+    assert time.monotonic() - t0 < GRACE_S + 5
+
+
+def test_serve_colocated_runs_in_a_rank_on_a_gpu(monkeypatch):
+    """The CUDA branch (the probe faked): the engine runs in a forked rank, its run comes back."""
+    import servelab.device
+    from servelab import load_model
+    from servelab.disagg.serve import serve_colocated
+    from servelab.reference.paged import paged_continuous_batching
+
+    model = load_model()
+    monkeypatch.setattr(servelab.device, "get_device", lambda request=None: torch.device("cuda", 0))
+    monkeypatch.setattr(servelab.device, "rank_devices", lambda n, request=None: [torch.device("cpu")] * n)
+    monkeypatch.setattr("servelab.disagg.serve._load", lambda m, device: m)  # the rank keeps the CPU model
+    import os
+
+    pid, seen = os.getpid(), []
+    reqs = mixed_trace(n_requests=2, corpus_tokens=list(range(1, 2000)), rate_per_s=1000.0).requests
+
+    def engine(m, requests, **kw):
+        seen.append(os.getpid())  # in the rank: this list is the rank's copy, so it stays empty here
+        return paged_continuous_batching(m, requests, **kw)
+
+    run = serve_colocated(engine, model, reqs, None, max_running=2, max_step_tokens=4096, num_blocks=128,
+                          block_size=16)
+    assert seen == [] and os.getpid() == pid
+    assert sorted(run.completions) == [0, 1] and all(c.tokens for c in run.completions.values())
