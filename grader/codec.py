@@ -24,7 +24,8 @@ import numbers
 import sys
 from typing import Any
 
-RECORD_MODULES = ("servelab.workloads", "servelab.engine", "servelab.metrics", "servelab.speculative")
+RECORD_MODULES = ("servelab.workloads", "servelab.engine", "servelab.metrics", "servelab.speculative",
+                  "servelab.disagg.costs")
 MAX_DEPTH = 64
 
 

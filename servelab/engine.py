@@ -179,5 +179,6 @@ class DisaggRun(EngineRun):
     overlap: bool = False  # KV sent layer by layer during the prefill forward
     transfers: list[Transfer] = field(default_factory=list)
     rank_errors: dict[str, str] = field(default_factory=dict)  # rank name -> what went wrong ("" when it ended well)
-    prefill_forwards: list[list[int]] = field(default_factory=list)  # [batch, tokens] of each prefill-side forward
-    decode_forwards: list[list[int]] = field(default_factory=list)  # [batch, tokens] of each decode-side forward
+    # [batch, tokens, start on the run's clock, seconds] of each forward, on either side
+    prefill_forwards: list[list[float]] = field(default_factory=list)
+    decode_forwards: list[list[float]] = field(default_factory=list)

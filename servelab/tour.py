@@ -177,6 +177,36 @@ def section_speculative(ctx: dict) -> dict:
                          f"(gamma 2, median of {len(timing.ratios)} pairs: {pairs})"}}
 
 
+def section_disaggregation(ctx: dict) -> dict:
+    """Lab 04's headline: the mixed trace (chats decoding while long documents arrive), p99 TPOT of colocated
+    continuous batching (one process, 2 threads) against 1 prefill + 1 decode worker (two processes, 1 thread
+    each), one run each; and what the split costs in median TTFT."""
+    from servelab.device import cuda_initialized
+    from servelab.disagg.serve import serve_colocated, serve_disaggregated
+    from servelab.metrics import summarize
+    from servelab.reference.disaggregation import decode_worker, prefill_worker
+    from servelab.reference.paged import paged_continuous_batching
+    from servelab.workloads import mixed_trace
+
+    if cuda_initialized():
+        return {"skipped": "the tour's process holds the GPU, and worker processes cannot be forked from it: "
+                           "lab 04 runs them on a GPU"}
+    trace = mixed_trace(n_requests=20 if ctx["quick"] else 40, encode=ctx["tokenizer"])
+    engine = {"max_running": 16, "num_blocks": 1024, "block_size": 16}
+    colo = serve_colocated(paged_continuous_batching, ctx["target"], trace.requests, None, threads=2,
+                           max_step_tokens=4096, **engine)
+    disagg = serve_disaggregated(prefill_worker, decode_worker, ctx["target"], trace.requests, None, **engine)
+    failed = {k: v for k, v in disagg.rank_errors.items() if v}
+    if failed:
+        raise RuntimeError(f"the disaggregated run failed: {failed}")
+    c, d = (summarize(r.timelines(trace.requests)) for r in (colo, disagg))
+    tpot = (c.percentiles["p99_tpot_ms"], d.percentiles["p99_tpot_ms"])
+    return {"trace": trace.params, "colocated": c.to_dict(), "disaggregated": d.to_dict(),
+            "headline": {f"lab 04: prefill/decode split ({len(trace)} requests, chats + long documents)":
+                         f"p99 TPOT {tpot[0]:.0f} -> {tpot[1]:.0f} ms ({tpot[0] / tpot[1]:.1f}x), median TTFT "
+                         f"{c.median_ttft_ms:.0f} -> {d.median_ttft_ms:.0f} ms (one run each)"}}
+
+
 SECTIONS: list[tuple[str, Callable[[dict], dict]]] = [
     ("models", section_models),
     ("generation", section_generate),
@@ -184,6 +214,7 @@ SECTIONS: list[tuple[str, Callable[[dict], dict]]] = [
     ("batching", section_batching),
     ("paging", section_paging),
     ("speculative", section_speculative),
+    ("disaggregation", section_disaggregation),
 ]
 
 

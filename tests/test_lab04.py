@@ -146,3 +146,31 @@ def test_serve_colocated_runs_in_a_rank_on_a_gpu(monkeypatch):
                           block_size=16)
     assert seen == [] and os.getpid() == pid
     assert sorted(run.completions) == [0, 1] and all(c.tokens for c in run.completions.values())
+
+
+SIM_BUGS = [
+    ("simulator: the handover costs nothing",
+     [("                t += costs.transfer_s(r.prompt_len)  # the decode worker receives the KV, then the first token\n",
+       "")], "simulate_matches", "token 0"),
+    ("simulator: a decode step priced at the batch it started with plus one",
+     [("len(left), any(a <= t < b for a, b in busy))", "len(left) + 1, any(a <= t < b for a, b in busy))")],
+     "simulate_matches", "decode step"),
+]
+
+
+@pytest.mark.parametrize("name,edits,criterion,words", SIM_BUGS, ids=[c[0] for c in SIM_BUGS])
+def test_simulator_bug_fails(name, edits, criterion, words):
+    res = run_criterion(lab04.LAB.get(criterion), plant(solution, *edits),
+                        Context("04_disaggregation", quick=True, seed=5))
+    assert res.status == "failed", f"{name}: {criterion} {res.status}: {res.message}"
+    assert words in res.message, f"{name}: {res.message}"
+
+
+def test_costs_fit_medians_per_size():
+    from servelab.disagg.costs import fit_line
+
+    base, slope = fit_line([(1, 2.0), (1, 2.0), (1, 50.0), (3, 6.0), (5, 10.0)])  # the outlier is not a median
+    assert abs(base) < 1e-12 and abs(slope - 2.0) < 1e-12
+    assert fit_line([(4, 1.5), (4, 2.5)]) == (2.0, 0.0)
+    with pytest.raises(ValueError):
+        fit_line([])

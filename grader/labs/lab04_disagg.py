@@ -25,7 +25,7 @@ LAB = Lab(
     notebook="disaggregation.ipynb",
     module="disaggregation",
     functions=("inter_token_gaps", "chunked_prefill_batching", "send_kv_layer", "recv_kv", "kv_roundtrip",
-               "prefill_worker", "decode_worker", "disaggregated"),
+               "prefill_worker", "decode_worker", "disaggregated", "simulate"),
 )
 DT = 0.01  # StepClock seconds per engine step
 
@@ -278,6 +278,51 @@ def disagg_robust(learner: Learner, ctx: Context) -> Outcome:
                        "wait_header and recv_into raise TransferTimeout: catch it, finish the running requests, return")
     return Outcome(True, "a dead prefill worker and a stalled transfer: handed-over requests finished, the others "
                          "failed with an error", {})
+
+
+# ----------------------------------------------------------------------------- part 5: the simulator
+SIM_HINTS = {
+    "first": "a request's first token comes out when its decode worker has received it: after its prefill ended, "
+             "after the worker was free to take it (between steps, or idle), and after transfer_s(prompt_len)",
+    "later": "each later token comes at the end of a decode step that costs decode_step_s(number running, whether a "
+             "prefill worker is busy at the step's start)",
+}
+
+
+@LAB.criterion("simulate_matches", "correctness", 3, exercise="simulate", timeout_s=60)
+def simulate_matches(learner: Learner, ctx: Context) -> Outcome:
+    """Hidden traces and costs, for 1P1D, 2P1D, 1P3D and 3P2D, some with few lanes (requests queue on the decode
+    side): every token time equal to the contract's (within 1e-9 s)."""
+    from servelab.disagg.costs import Costs
+    from servelab.reference.disaggregation import simulate as reference_simulate  # here, never in the worker
+    from servelab.workloads import Request
+
+    rng = ctx.rng("simulate")
+    n = 0
+    for p, d, lanes in ((1, 1, 16), (2, 1, 16), (1, 3, 4), (3, 2, 2)):
+        t, reqs = 0.0, []
+        for i in range(12 if ctx.quick else 30):
+            reqs.append(Request(i, [1] * rng.randint(1, 700), rng.randint(1, 40), round(t, 4)))
+            t += rng.expovariate(20.0)
+        costs = Costs(rng.uniform(0, 0.01), rng.uniform(1e-5, 3e-4), rng.uniform(1e-3, 1e-2), rng.uniform(1e-4, 2e-3),
+                      rng.uniform(0, 2e-3), rng.uniform(0, 1e-5), rng.choice((0.0, rng.uniform(0.1, 1.0))))
+        what = f"{p}P{d}D, max_running {lanes}, {len(reqs)} requests, {costs}"
+        want = reference_simulate(reqs, costs, p, d, lanes)
+        got = learner.fn("simulate")(reqs, costs, p, d, lanes)
+        if not isinstance(got, dict) or set(got) != set(want):
+            raise Fail(f"{what}: simulate returned {type(got).__name__} with keys {sorted(got)[:8] if isinstance(got, dict) else '-'}; "
+                       f"expected a dict of every request id ({sorted(want)[:8]}...) to its token times")
+        for r in reqs:
+            w, g = want[r.id], got[r.id]
+            if not isinstance(g, list | tuple) or len(g) != len(w):
+                raise Fail(f"{what}: request {r.id} (max_new_tokens {r.max_new_tokens}) has "
+                           f"{len(g) if isinstance(g, list | tuple) else g!r} token times; expected {len(w)}")
+            bad = next((k for k, (a, b) in enumerate(zip(w, g)) if abs(float(b) - a) > 1e-9), None)
+            if bad is not None:
+                raise Fail(f"{what}: request {r.id} (arrival {r.arrival_s} s, prompt {r.prompt_len}) token {bad} at "
+                           f"{float(g[bad]):.6f} s; expected {w[bad]:.6f} s", SIM_HINTS["first" if bad == 0 else "later"])
+            n += len(w)
+    return Outcome(True, f"4 hidden traces and cost sets, {n} token times equal to the contract's", {"token_times": n})
 
 
 # ----------------------------------------------------------------------------- performance

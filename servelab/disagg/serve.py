@@ -50,14 +50,20 @@ def shared_clock(ctx: RankContext) -> WallClock:
 
 @dataclass
 class ForwardLog:
-    """The model, with the shape [batch, tokens] of every forward kept."""
+    """The model, with ``[batch, tokens, start, seconds]`` of every forward kept: its shape, when it started on
+    the shared clock and how long it took (what a simulator is calibrated with)."""
 
     model: object
-    shapes: list[list[int]] = field(default_factory=list)
+    shapes: list[list[float]] = field(default_factory=list)
+    t0: float = 0.0  # the shared clock's zero (perf_counter)
 
     def __call__(self, input_ids, positions=None, cache=None):
-        self.shapes.append(list(input_ids.shape))
-        return self.model(input_ids, positions, cache)
+        start = time.perf_counter()
+        out = self.model(input_ids, positions, cache)
+        if getattr(out, "device", torch.device("cpu")).type == "cuda":
+            torch.cuda.synchronize(out.device)  # the forward's time, not its launch's
+        self.shapes.append([*input_ids.shape, start - self.t0, time.perf_counter() - start])
+        return out
 
     def __getattr__(self, name):
         if name == "model":
@@ -145,6 +151,7 @@ def serve_disaggregated(prefill: Callable, decode: Callable, model, requests: li
         ctx.link.timeout_s = link_timeout_s
         log = ForwardLog(_load(model, ctx.device))
         clock = shared_clock(ctx)
+        log.t0 = clock.t0
         if ctx.rank == 0:
             link, m = ctx.link, log
             if fault:
