@@ -165,11 +165,7 @@ class Transfer:
 
     request_id: int
     bytes: int  # payload received: every layer's K and V blocks and the tail
-    seconds: float  # from the header's arrival to the last payload's
-
-    @property
-    def gb_per_s(self) -> float:
-        return self.bytes / max(self.seconds, 1e-9) / 1e9
+    seconds: float  # from the header's arrival to the last payload's (the prefill runs in between)
 
 
 @dataclass
@@ -182,3 +178,12 @@ class DisaggRun(EngineRun):
     # [batch, tokens, start on the run's clock, seconds] of each forward, on either side
     prefill_forwards: list[list[float]] = field(default_factory=list)
     decode_forwards: list[list[float]] = field(default_factory=list)
+
+    def handover_s(self, requests: list[Request]) -> dict[int, float]:
+        """Per request: from the end of its prefill forward to its first token on the decode side, the part of
+        the handover the user waits for. (The prefill worker serves valid requests one forward each, in
+        arrival order.)"""
+        served = sorted((r for r in requests if self.completions.get(r.id) and self.completions[r.id].tokens),
+                        key=lambda r: (r.arrival_s, r.id))
+        return {r.id: self.completions[r.id].token_times[0] - (f[2] + f[3])
+                for r, f in zip(served, self.prefill_forwards)}

@@ -397,3 +397,32 @@ def test_a_cuda_tensor_crosses_between_two_ranks():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.startswith("ok")
+
+
+def test_irecv_into_returns_at_once_and_says_when_the_data_is_there():
+    """The decode worker's receive: posted before the data is sent, polled without blocking, then finished."""
+    data = randn(300, 64, seed=7)
+
+    def sender(ctx):
+        ctx.link.wait_header()  # the receiver has posted its receive: now send
+        time.sleep(0.3)
+        ctx.link.send(data)
+
+    def receiver(ctx):
+        buf = torch.empty_like(data)
+        handle = ctx.link.irecv_into(buf)
+        early = handle.is_completed()
+        ctx.link.send_header(kind=KIND_KV)
+        link_mod.wait_for(handle.is_completed, 10, "the payload")
+        handle.wait()
+        return early, buf
+
+    results = run_ranks([sender, receiver], timeout_s=30)
+    assert all(r.ok for r in results), [r.error for r in results]
+    early, got = results[1].value
+    assert early is False and torch.equal(got, data)
+
+
+def test_wait_for_times_out_with_what_it_waited_for():
+    with pytest.raises(TransferTimeout, match="the tail did not complete within 0.05 s"):
+        link_mod.wait_for(lambda: False, 0.05, "the tail")

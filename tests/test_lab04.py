@@ -35,7 +35,7 @@ CLASSIC = [
        "recv_kv(link, cache, table)")],
      "disagg_identical", "request"),
     ("decode worker: a timed-out transfer is not caught",
-     [("                except TransferTimeout as err:", "                except KeyError as err:")],
+     [("            except TransferTimeout as err:", "            except KeyError as err:")],
      "disagg_robust", "request 0"),
 ]
 

@@ -399,6 +399,6 @@ def multi_gpu_nccl(learner: Learner, ctx: Context) -> Outcome:
                   overlap=True, timeout_s=180)
     _rank_errors(run, "two GPUs")
     n = _check_outputs(ctx, run, reqs, None, "decode_worker", "two GPUs")
-    rate = statistics.median(t.gb_per_s for t in run.transfers) if run.transfers else 0.0
-    return Outcome(True, f"{n} tokens equal to decoding alone over NCCL; median transfer {rate:.2f} GB/s",
-                   {"tokens": n, "transfer_gb_per_s": rate})
+    handover = statistics.median(run.handover_s(reqs).values())
+    return Outcome(True, f"{n} tokens equal to decoding alone over NCCL; median handover after the prefill "
+                         f"{handover * 1e3:.2f} ms", {"tokens": n, "handover_s": handover})

@@ -12,6 +12,7 @@ from collections.abc import Callable
 import torch
 
 from servelab.disagg.launch import RankContext, raise_not_implemented, run_ranks
+from servelab.disagg.link import wait_for
 from servelab.paged.cache import PagedKVCache
 
 SHAPE = {"num_layers": 3, "num_kv_heads": 2, "head_dim": 8}  # small: the layout is what is under test
@@ -38,7 +39,8 @@ def expected_after(seed: int, num_blocks: int, block_size: int, src_table: list[
 def connector_roundtrip(send_kv_layer: Callable, recv_kv: Callable, *, seed: int, num_blocks: int, block_size: int,
                         src_table: list[int], dst_table: list[int], timeout_s: float = 60) -> dict[str, list]:
     """Send ``src_table``'s blocks with ``send_kv_layer`` (every layer) from rank 0 and receive them with
-    ``recv_kv`` into ``dst_table`` on rank 1; returns rank 1's whole cache afterwards, ``{"k": [...], "v": [...]}``
+    ``recv_kv`` into ``dst_table`` on rank 1 (polling its ``arrived()`` until True); returns rank 1's whole
+    cache afterwards, ``{"k": [...], "v": [...]}``
     per layer, on the CPU. Raises RuntimeError naming the rank that failed."""
     if len(src_table) != len(dst_table):
         raise ValueError(f"src_table has {len(src_table)} blocks, dst_table {len(dst_table)}: they must match")
@@ -52,7 +54,10 @@ def connector_roundtrip(send_kv_layer: Callable, recv_kv: Callable, *, seed: int
             for s in sends:
                 s.wait()
             return None
-        recv_kv(ctx.link, cache, list(dst_table))
+        arrived = recv_kv(ctx.link, cache, list(dst_table))
+        if not callable(arrived):
+            raise TypeError(f"recv_kv returned {type(arrived).__name__}; expected its arrived() function")
+        wait_for(arrived, ctx.link.timeout_s, "the KV transfer")
         return {"k": [t.cpu() for t in cache.k], "v": [t.cpu() for t in cache.v]}
 
     results = run_ranks([rank, rank], names=["sender", "receiver"], timeout_s=timeout_s)

@@ -46,6 +46,15 @@ _HEADER_TAG, _PAYLOAD_TAG = 1, 2
 _POLL_S = 0.0005  # between is_completed() checks where the backend's wait cannot time out
 
 
+def wait_for(done: Callable[[], bool], timeout_s: float, what: str) -> None:
+    """Poll ``done()`` until it returns True; TransferTimeout after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while not done():
+        if time.monotonic() > deadline:
+            raise TransferTimeout(f"{what} did not complete within {timeout_s:g} s")
+        time.sleep(_POLL_S)
+
+
 class TransferTimeout(RuntimeError):
     """A transfer that did not complete in time; the message says which one and how long it waited."""
 
@@ -171,6 +180,7 @@ class Link:
         # gloo only: one thread for sends, one for header receives, so neither waits behind the other
         self._send_waiter = _Waiter() if self.backend == "gloo" else None
         self._header_waiter = _Waiter() if self.backend == "gloo" else None
+        self._recv_waiter = _Waiter() if self.backend == "gloo" else None  # irecv_into's payloads
 
     # ------------------------------------------------------------------ headers
     def send_header(self, **fields: int) -> None:
@@ -219,6 +229,15 @@ class Link:
                 "has not been taken yet). Receive every payload of a message before polling for the next "
                 "header: with NCCL the posted header receive would swallow this payload.")
         self._irecv(tensor, _PAYLOAD_TAG, _describe(tensor)).wait(timeout_s)
+
+    def irecv_into(self, tensor: torch.Tensor) -> Handle:
+        """Start receiving the next payload into ``tensor`` and return at once: ``handle.is_completed()`` says
+        (without blocking) whether it has arrived, ``handle.wait()`` finishes it (``tensor`` holds the data
+        only then) or raises TransferTimeout / PeerLost. Post a message's receives in the order it was sent."""
+        if self._header is not None:
+            raise RuntimeError("irecv_into called while a header receive is posted: post every payload receive "
+                               "of a message before polling for the next header")
+        return self._irecv(tensor, _PAYLOAD_TAG, _describe(tensor), self._recv_waiter)
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until the peer has received everything sent so far (run_ranks does this when a rank ends)."""

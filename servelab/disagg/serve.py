@@ -72,7 +72,8 @@ class ForwardLog:
 
 
 class TimedLink:
-    """The decode side's link, timing each KV handover from its header to its last payload."""
+    """The decode side's link, timing each KV handover from its header to its last payload (as the decode
+    worker sees it: when it finishes the receive)."""
 
     def __init__(self, link: Link):
         self.link, self.transfers, self._open = link, [], None
@@ -95,6 +96,20 @@ class TimedLink:
         if self._open is not None:
             self._open.bytes += tensor.numel() * tensor.element_size()
             self._open.seconds = time.perf_counter() - self._t0
+
+    def irecv_into(self, tensor):
+        """The receive's handle, whose wait() (once it has arrived) also closes the transfer's time."""
+        handle = self.link.irecv_into(tensor)
+        record, t0, finish = self._open, getattr(self, "_t0", 0.0), handle.wait
+        if record is not None:
+            record.bytes += tensor.numel() * tensor.element_size()
+
+            def wait(timeout_s=None):
+                finish(timeout_s)
+                record.seconds = max(record.seconds, time.perf_counter() - t0)
+
+            handle.wait = wait
+        return handle
 
     def __getattr__(self, name):
         return getattr(self.link, name)
@@ -128,7 +143,7 @@ class DyingModel:
         self.model, self.fault = model, fault
 
     def __call__(self, input_ids, positions=None, cache=None):
-        if self.fault.kind == "prefill_dies" and self.fault.headers >= self.fault.after:
+        if self.fault.kind == "prefill_dies" and self.fault.headers > self.fault.after:
             os.kill(os.getpid(), signal.SIGKILL)
         return self.model(input_ids, positions, cache)
 

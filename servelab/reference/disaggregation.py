@@ -139,6 +139,7 @@ def chunked_prefill_batching(model, requests: list[Request], max_running: int, s
     return run
 
 
+from collections.abc import Callable
 import torch
 from servelab.disagg.link import Link
 from servelab.paged.cache import PagedKVCache
@@ -152,15 +153,27 @@ def send_kv_layer(link: Link, cache: PagedKVCache, layer: int, table: list[int])
     return [link.isend(cache.k[layer][index]), link.isend(cache.v[layer][index])]
 
 
-def recv_kv(link: Link, cache: PagedKVCache, table: list[int]) -> None:
-    """Receive every layer of a sequence's KV, as ``send_kv_layer`` sent it for layers 0, 1, ..., into this
-    cache's blocks ``table`` (this worker's own blocks: not the sender's ids). Bitwise: no dtype change."""
+def recv_kv(link: Link, cache: PagedKVCache, table: list[int]) -> Callable[[], bool]:
+    """Post the receives of every layer's KV, as ``send_kv_layer`` sends it for layers 0, 1, ... (K then V,
+    each into its own buffer [len(table), block_size, num_kv_heads, head_dim] of the cache's dtype), and
+    return at once an ``arrived()`` function: each call copies into this cache's blocks ``table`` (this
+    worker's own blocks, not the sender's ids) every buffer that has arrived since, in order, and returns True
+    once all have. Bitwise: no dtype change. ``arrived()`` raises what a failed receive raises."""
     index = torch.tensor(table, device=cache.k[0].device)
+    pending = []  # (handle, buffer, the layer's K or V blocks), in the order they were sent
     for layer in range(len(cache.k)):
         for blocks in (cache.k[layer], cache.v[layer]):
             buffer = torch.empty((len(table), *blocks.shape[1:]), dtype=blocks.dtype, device=blocks.device)
-            link.recv_into(buffer)
+            pending.append((link.irecv_into(buffer), buffer, blocks))
+
+    def arrived() -> bool:
+        while pending and pending[0][0].is_completed():
+            handle, buffer, blocks = pending.pop(0)
+            handle.wait()  # finishes the receive (a staged one is copied in), or raises its failure
             blocks[index] = buffer
+        return not pending
+
+    return arrived
 
 
 from servelab.disagg.connector import connector_roundtrip
@@ -171,6 +184,7 @@ def kv_roundtrip(**case):
     return connector_roundtrip(send_kv_layer, recv_kv, **case)
 
 
+import time
 import torch
 from servelab.disagg.hooks import after_each_layer
 from servelab.disagg.link import KIND_DONE, KIND_ERROR, KIND_KV, Link, TransferTimeout
@@ -182,12 +196,13 @@ from servelab.reference.paged import BlockManager
 @torch.inference_mode()
 def prefill_worker(link: Link, model, requests, clock, block_size: int, overlap: bool) -> dict[int, Completion]:
     """Rank 0: prefill each request alone, in arrival order (wait for its arrival), and hand it to the decode
-    worker. Per request: its KV layer by layer (``send_kv_layer``: during the forward when ``overlap``, as each
-    layer has written its KV), then, after the forward, a header ``link.send_header(kind=KIND_KV, request_id=,
-    num_tokens=prompt length, max_new_tokens=)``, its KV when not ``overlap``, and a tail tensor
-    ``[first_token, round(clock.now() * 1e6)]`` (int64: the first token and when it came out). A request
-    no engine can serve gets ``send_header(kind=KIND_ERROR, request_id=)`` and an error Completion (returned);
-    after the last request, ``send_header(kind=KIND_DONE)``. Returns the completions of rejected requests."""
+    worker. Per request, in this order: a header ``link.send_header(kind=KIND_KV, request_id=, num_tokens=prompt
+    length, max_new_tokens=)``; its KV layer by layer with ``send_kv_layer`` (when ``overlap``, during the
+    forward, as each layer has written its KV; otherwise after it); then a tail tensor ``[first_token,
+    round(clock.now() * 1e6)]`` (int64: the first token and when it came out). Wait for the sends before the
+    next request reuses the blocks. A request no engine can serve gets ``send_header(kind=KIND_ERROR,
+    request_id=)`` and an error Completion; after the last request, ``send_header(kind=KIND_DONE)``. Returns the
+    completions of the rejected requests."""
     valid, rejected = reject_invalid(requests, model.config.vocab_size, model.config.max_position)
     for r in sorted(requests, key=lambda r: (r.arrival_s, r.id)):
         if r.id in rejected:
@@ -197,16 +212,15 @@ def prefill_worker(link: Link, model, requests, clock, block_size: int, overlap:
     for r in sorted(valid, key=lambda r: (r.arrival_s, r.id)):
         clock.wait_until(r.arrival_s)
         table = list(range(blocks_for(r.prompt_len, block_size)))  # one request at a time: the same blocks
+        link.send_header(kind=KIND_KV, request_id=r.id, num_tokens=r.prompt_len, max_new_tokens=r.max_new_tokens)
         sends = []
         view = cache.view([table])
-        if overlap:  # layer i's KV starts out while layer i + 1 computes
+        if overlap:  # layer i's KV goes out while layer i + 1 computes
             view = after_each_layer(view, lambda layer, sends=sends, table=table:
                                     sends.extend(send_kv_layer(link, cache, layer, table)))
         logits = model(torch.tensor([r.prompt_ids]), torch.arange(r.prompt_len)[None], view)
         first = int(logits[0, -1].argmax())
         clock.step()
-        # the header goes out once the KV is complete: the decode worker never waits on a running prefill
-        link.send_header(kind=KIND_KV, request_id=r.id, num_tokens=r.prompt_len, max_new_tokens=r.max_new_tokens)
         if not overlap:
             for layer in range(model.config.num_layers):
                 sends += send_kv_layer(link, cache, layer, table)
@@ -220,23 +234,36 @@ def prefill_worker(link: Link, model, requests, clock, block_size: int, overlap:
 @torch.inference_mode()
 def decode_worker(link: Link, model, eos_id, clock, max_running: int, num_blocks: int,
                   block_size: int) -> dict[int, Completion]:
-    """Rank 1: continuous batching over the sequences the prefill worker hands over. Between decode steps take
-    every header that has arrived (``link.poll_header()``; ``link.wait_header()`` only when nothing is running)
-    while a lane is free and the blocks for the request's whole life fit (prompt + max_new_tokens - 1 tokens,
-    so nothing is ever preempted); receive its KV (``recv_kv``) and tail; its first token is the tail's, stamped
-    ``clock.now()`` on arrival (the user's stream comes from the decode worker: TTFT includes the handover). Then one decode step for every running sequence: no prompt token is ever computed here.
-    Ends after the KIND_DONE header once nothing runs. If the link times out (``TransferTimeout``), the request
-    being received fails (an error Completion naming the timeout); stop taking requests, finish the running
-    ones, and return. Returns every completion, by request id."""
+    """Rank 1: continuous batching over the sequences the prefill worker hands over; it never stops decoding to
+    wait for a transfer. Each loop: take every header that has arrived (``link.poll_header()``; only when
+    nothing runs or arrives, ``link.wait_header()``) while a lane is free (running + arriving < max_running) and
+    the blocks for the request's whole life fit (prompt + max_new_tokens - 1 tokens: nothing is ever
+    preempted); for a KV header, allocate them and post the receives: ``recv_kv`` into the prompt's blocks (the
+    first ``blocks_for(prompt, block_size)`` of its table) and ``link.irecv_into`` for the 2-number tail. Then
+    admit every arriving request whose KV and tail have arrived: its first token is the tail's, stamped
+    ``clock.now()`` (the user's stream comes from here: TTFT includes the handover). Then one decode step for
+    every running sequence: no prompt token is ever computed here. Ends after the KIND_DONE header once
+    nothing runs or arrives. A transfer that has not arrived ``link.timeout_s`` after its header, or whose
+    receive raises ``TransferTimeout`` (``PeerLost`` is one), fails its request (an error Completion naming
+    the problem); then take no new requests, finish the running ones and return. Returns every completion."""
     cache = PagedKVCache.for_model(model, num_blocks, block_size)
     blocks = BlockManager(num_blocks, block_size)
     done: dict[int, Completion] = {}
     running: dict[int, tuple[Completion, int, int]] = {}  # id -> (completion, prompt length, max_new_tokens)
+    arriving: dict[int, tuple] = {}  # id -> (header, arrived(), tail, tail handle, when the header came)
     header, closed = None, False
-    while not closed or running:
-        while not closed and len(running) < max_running:
+
+    def fail(rid: int, why: str) -> None:
+        nonlocal closed
+        del arriving[rid]
+        blocks.free(rid)
+        done[rid] = Completion(rid, finish_reason="error", error=f"request {rid}: {why}")
+        closed = True
+
+    while not closed or running or arriving:
+        while not closed and len(running) + len(arriving) < max_running:
             try:
-                header = header or (link.poll_header() if running else link.wait_header())
+                header = header or (link.poll_header() if running or arriving else link.wait_header())
             except TransferTimeout:
                 closed = True
                 break
@@ -250,26 +277,32 @@ def decode_worker(link: Link, model, eos_id, clock, max_running: int, num_blocks
             else:
                 need = header["num_tokens"] + header["max_new_tokens"] - 1
                 if not blocks.can_allocate(need):
-                    break  # keep the header: admit it once a sequence retires
+                    break  # keep the header: take it once a sequence retires
                 table = blocks.allocate(rid, need)
-                out = Completion(rid)
-                try:
-                    recv_kv(link, cache, table[:blocks_for(header["num_tokens"], block_size)])  # the prompt's blocks
-                    tail = torch.empty(2, dtype=torch.long)
-                    link.recv_into(tail)
-                except TransferTimeout as err:
-                    blocks.free(rid)
-                    done[rid] = Completion(rid, finish_reason="error", error=f"request {rid}: {err}")
-                    closed, header = True, None
-                    break
-                first = int(tail[0])  # tail[1]: when the prefill produced it; the user sees it from here, now
-                if out.add(first, clock.now(), eos_id, header["max_new_tokens"]):
-                    done[rid] = out
-                    blocks.free(rid)
-                else:
-                    running[rid] = (out, header["num_tokens"], header["max_new_tokens"])
+                arrived = recv_kv(link, cache, table[:blocks_for(header["num_tokens"], block_size)])
+                tail = torch.empty(2, dtype=torch.long)
+                arriving[rid] = (header, arrived, tail, link.irecv_into(tail), time.monotonic())
                 header = None
+        for rid, (h, arrived, tail, tail_handle, since) in list(arriving.items()):
+            try:
+                if not (arrived() and tail_handle.is_completed()):
+                    if time.monotonic() - since > link.timeout_s:
+                        fail(rid, f"its KV did not arrive within {link.timeout_s:g} s of its header")
+                    continue
+                tail_handle.wait()
+            except TransferTimeout as err:
+                fail(rid, str(err))
+                continue
+            del arriving[rid]
+            out = Completion(rid)
+            if out.add(int(tail[0]), clock.now(), eos_id, h["max_new_tokens"]):
+                done[rid] = out
+                blocks.free(rid)
+            else:
+                running[rid] = (out, h["num_tokens"], h["max_new_tokens"])
         if not running:
+            if arriving:
+                time.sleep(0.0005)  # nothing to decode yet: let the transfers land
             continue
         ids = list(running)
         last = torch.tensor([[running[i][0].tokens[-1]] for i in ids])
