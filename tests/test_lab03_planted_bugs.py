@@ -19,6 +19,13 @@ CLASSIC = [
        "        run.rounds.append((len(drafted), j))",
        "        d_len = min(d_len, len(seq) - 1)  # the draft's K/V past the accepted prefix get overwritten\n"
        "        run.rounds.append((len(drafted), min(len(drafted), j + 1)))")], "bookkeeping", "a replay of the same tokens gives"),
+    # the real models' test, not only the hand-made one, rejects biased rules (seed 3: p-values 2e-176 and 3e-6)
+    ("sampling on the real models: every draft accepted",
+     [("        if r * q[i, tok] < p[i, tok]:  # r < p/q, without dividing by q", "        if True:")],
+     "sampling_real_models", "vs the target's distribution"),
+    ("sampling on the real models: a rejected draft resampled from p, not max(0, p - q)",
+     [("        residual = (p[i] - q[i]).clamp(min=0)", "        residual = p[i].clone()")],
+     "sampling_real_models", "vs the target's distribution"),
 ]
 
 
