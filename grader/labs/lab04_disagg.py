@@ -357,3 +357,9 @@ def multi_gpu_nccl(learner: Learner, ctx: Context) -> Outcome:
     rate = statistics.median(t.gb_per_s for t in run.transfers) if run.transfers else 0.0
     return Outcome(True, f"{n} tokens equal to decoding alone over NCCL; median transfer {rate:.2f} GB/s",
                    {"tokens": n, "transfer_gb_per_s": rate})
+
+
+# the KV-compression stretch (its own module, graded separately)
+from grader.labs.disagg_compress import add_criteria  # noqa: E402
+
+add_criteria(LAB)
