@@ -14,7 +14,7 @@ from grader.spec import Context, Learner, run_criterion
 
 SCALES = "    scales = x.abs().amax(dim=(1, 3)) / 127\n"
 RECV = ("            link.recv_into(q)\n            link.recv_into(scales)\n"
-        "            blocks[index] = dequantize_kv(q, scales, blocks.dtype)\n")
+        "            blocks[rows] = dequantize_kv(q, scales, blocks.dtype)\n")
 
 CLASSIC = [
     ("one scale per block, not per (block, head)",
@@ -33,20 +33,18 @@ CLASSIC = [
      [("    return (q.float() * scales[:, None, :, None]).to(dtype)", "    return q.to(dtype)")],
      "int8_quantize", "> scale / 2"),
     ("receiver keeps the int8 values without dequantizing",
-     [("            blocks[index] = dequantize_kv(q, scales, blocks.dtype)", "            blocks[index] = q.float()")],
+     [("            blocks[rows] = dequantize_kv(q, scales, blocks.dtype)", "            blocks[rows] = q.float()")],
      "int8_transfer", "multiply them by their scales"),
     ("receiver scatters in sorted order, not table order",
-     [("    index = torch.tensor(table, device=cache.k[0].device)\n    for layer in range(len(cache.k)):\n"
-       "        for blocks in (cache.k[layer], cache.v[layer]):\n            q = ",
-       "    index = torch.tensor(sorted(table), device=cache.k[0].device)\n    for layer in range(len(cache.k)):\n"
-       "        for blocks in (cache.k[layer], cache.v[layer]):\n            q = ")],
+     [("    rows = torch.tensor(table, device=cache.k[0].device)",
+       "    rows = torch.tensor(sorted(table), device=cache.k[0].device)")],
      "int8_transfer", "differs at block"),
     ("sender dequantizes before sending: bit for bit, but float32 on the wire",
      [("        handles += [link.isend(q), link.isend(scales)]",
        "        handles += [link.isend(dequantize_kv(q, scales, blocks.dtype))]"),
       ("            q = torch.empty((len(table), *blocks.shape[1:]), dtype=torch.int8, device=blocks.device)",
        "            q = torch.empty((len(table), *blocks.shape[1:]), dtype=blocks.dtype, device=blocks.device)"),
-      (RECV, "            link.recv_into(q)\n            blocks[index] = q\n")],
+      (RECV, "            link.recv_into(q)\n            blocks[rows] = q\n")],
      "int8_transfer", "at least 3.5x expected"),
 ]
 

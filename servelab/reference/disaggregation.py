@@ -325,10 +325,10 @@ def send_kv_layer_int8(link: Link, cache: PagedKVCache, layer: int, table: list[
     """``send_kv_layer``, compressed: for K then V of ``layer``, the blocks of ``table`` gathered in table order and
     quantized with ``quantize_kv``, sent as two tensors: ``q`` (int8) then ``scales`` (float32). Returns the four
     send handles; the caller waits on them before it reuses those blocks."""
-    index = torch.tensor(table, device=cache.k[layer].device)
+    rows = torch.tensor(table, device=cache.k[layer].device)
     handles = []
     for blocks in (cache.k[layer], cache.v[layer]):
-        q, scales = quantize_kv(blocks[index])
+        q, scales = quantize_kv(blocks[rows])
         handles += [link.isend(q), link.isend(scales)]
     return handles
 
@@ -337,14 +337,14 @@ def recv_kv_int8(link: Link, cache: PagedKVCache, table: list[int]) -> None:
     """``recv_kv``, compressed: for layers 0, 1, ..., K then V, receive ``q`` (int8 [len(table), block_size,
     num_kv_heads, head_dim]) and ``scales`` (float32 [len(table), num_kv_heads]) and write
     ``dequantize_kv(q, scales, <the cache's dtype>)`` into this cache's blocks ``table`` (row i into table[i])."""
-    index = torch.tensor(table, device=cache.k[0].device)
+    rows = torch.tensor(table, device=cache.k[0].device)
     for layer in range(len(cache.k)):
         for blocks in (cache.k[layer], cache.v[layer]):
             q = torch.empty((len(table), *blocks.shape[1:]), dtype=torch.int8, device=blocks.device)
             scales = torch.empty((len(table), blocks.shape[2]), dtype=torch.float32, device=blocks.device)
             link.recv_into(q)
             link.recv_into(scales)
-            blocks[index] = dequantize_kv(q, scales, blocks.dtype)
+            blocks[rows] = dequantize_kv(q, scales, blocks.dtype)
 
 
 from servelab.disagg.connector import connector_roundtrip
