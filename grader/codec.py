@@ -4,6 +4,7 @@ What crosses, and how:
 - plain data (None, bools, numbers, strings, lists) as JSON; tuples, dicts and sets tagged (dict keys may
   be ints: ``EngineRun.completions``);
 - tensors as dtype, shape, raw bytes and device type (a CUDA tensor is rebuilt on CUDA where there is one);
+  a torch dtype (an argument such as lab 04's ``dequantize_kv(q, scales, dtype)``) by its name;
 - servelab's records (``Request``, ``Completion``, ``EngineRun``, ...): their dataclass fields; the harness
   rebuilds the real class from them, so a learner's subclass cannot bring its own methods along;
 - the grader's own objects that learner code calls back (the model, probes, model wrappers, clocks, torch
@@ -98,6 +99,15 @@ def _decode_tensor(spec: list):
     return out.to("cuda") if device == "cuda" and torch.cuda.is_available() else out
 
 
+def _decode_dtype(name) -> Any:
+    import torch
+
+    dtype = getattr(torch, str(name), None)
+    if not isinstance(dtype, torch.dtype):
+        raise CodecError(f"not a torch dtype: {name!r}")
+    return dtype
+
+
 # ----------------------------------------------------------------------------- encode / decode
 class Encoder:
     """Turns values into JSON-able data. ``handle(obj)`` may claim grader objects (harness side);
@@ -122,6 +132,8 @@ class Encoder:
         torch = sys.modules.get("torch")  # no tensor exists unless torch is loaded: never import it here
         if torch is not None and isinstance(x, torch.Tensor):
             return _encode_tensor(x)
+        if torch is not None and isinstance(x, torch.dtype):
+            return {"$dtype": str(x).removeprefix("torch.")}
         if self.handle and (h := self.handle(x)) is not None:
             return h
         if isinstance(x, list):
@@ -177,6 +189,8 @@ class Decoder:
                 raise CodecError("a set of unhashable values") from None
         if tag == "$tensor":
             return _decode_tensor(d[tag])
+        if tag == "$dtype":
+            return _decode_dtype(d[tag])
         if tag == "$record":
             fields = d.get("fields")
             if not isinstance(fields, dict):

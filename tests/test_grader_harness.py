@@ -219,13 +219,13 @@ def test_codec_round_trip():
 
     run = EngineRun("mine", {3: Completion(3, [1, 2], [0.01, 0.02], "length")}, steps=2, num_slots=1)
     value = {"run": run, "t": (1, 2.5, None), "s": {4, 5}, "x": torch.randn(2, 3).to(torch.bfloat16),
-             "empty": torch.zeros(0, 4, dtype=torch.int64), "nan": float("nan")}
+             "empty": torch.zeros(0, 4, dtype=torch.int64), "nan": float("nan"), "dtype": torch.bfloat16}
     back = Decoder()(Encoder()(value))
     assert type(back["run"]) is EngineRun and back["run"].completions[3].tokens == [1, 2]
     assert back["run"].slot_utilization == run.slot_utilization
     assert back["t"] == (1, 2.5, None) and back["s"] == {4, 5} and back["nan"] != back["nan"]
     assert back["x"].dtype == torch.bfloat16 and torch.equal(back["x"], value["x"])
-    assert back["empty"].shape == (0, 4)
+    assert back["empty"].shape == (0, 4) and back["dtype"] is torch.bfloat16
 
 
 @pytest.mark.parametrize("data, words", [
@@ -234,6 +234,7 @@ def test_codec_round_trip():
     ({"$record": "Popen", "fields": {}}, "unknown record type"),
     ({"$tensor": ["float32", [2, 2], "AAAA"]}, "does not fit"),
     ({"$tensor": ["os.system", [1], ""]}, "not a tensor"),
+    ({"$dtype": "Tensor"}, "not a torch dtype"),
     ({"$pickle": "gASV"}, "unknown tag"),
 ])
 def test_codec_rejects_what_it_does_not_know(data, words):

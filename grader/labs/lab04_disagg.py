@@ -402,3 +402,9 @@ def multi_gpu_nccl(learner: Learner, ctx: Context) -> Outcome:
     handover = statistics.median(run.handover_s(reqs).values())
     return Outcome(True, f"{n} tokens equal to decoding alone over NCCL; median handover after the prefill "
                          f"{handover * 1e3:.2f} ms", {"tokens": n, "handover_s": handover})
+
+
+# the KV-compression stretch (its own module, graded separately)
+from grader.labs.disagg_compress import add_criteria  # noqa: E402
+
+add_criteria(LAB)

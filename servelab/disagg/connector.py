@@ -37,11 +37,13 @@ def expected_after(seed: int, num_blocks: int, block_size: int, src_table: list[
 
 
 def connector_roundtrip(send_kv_layer: Callable, recv_kv: Callable, *, seed: int, num_blocks: int, block_size: int,
-                        src_table: list[int], dst_table: list[int], timeout_s: float = 60) -> dict[str, list]:
+                        src_table: list[int], dst_table: list[int], timeout_s: float = 60,
+                        count_bytes: bool = False) -> dict:
     """Send ``src_table``'s blocks with ``send_kv_layer`` (every layer) from rank 0 and receive them with
     ``recv_kv`` into ``dst_table`` on rank 1 (polling its ``arrived()`` until True); returns rank 1's whole
-    cache afterwards, ``{"k": [...], "v": [...]}``
-    per layer, on the CPU. Raises RuntimeError naming the rank that failed."""
+    cache afterwards, ``{"k": [...], "v": [...]}`` per layer, on the CPU. ``count_bytes``: also
+    ``"bytes_received"``, the payload bytes rank 1 took off the link (what a compressed connector saves).
+    Raises RuntimeError naming the rank that failed."""
     if len(src_table) != len(dst_table):
         raise ValueError(f"src_table has {len(src_table)} blocks, dst_table {len(dst_table)}: they must match")
 
@@ -58,7 +60,8 @@ def connector_roundtrip(send_kv_layer: Callable, recv_kv: Callable, *, seed: int
         if not callable(arrived):
             raise TypeError(f"recv_kv returned {type(arrived).__name__}; expected its arrived() function")
         wait_for(arrived, ctx.link.timeout_s, "the KV transfer")
-        return {"k": [t.cpu() for t in cache.k], "v": [t.cpu() for t in cache.v]}
+        got = {"k": [t.cpu() for t in cache.k], "v": [t.cpu() for t in cache.v]}
+        return (got | {"bytes_received": ctx.link.bytes_received}) if count_bytes else got
 
     results = run_ranks([rank, rank], names=["sender", "receiver"], timeout_s=timeout_s)
     raise_not_implemented(results)
