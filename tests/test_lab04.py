@@ -150,8 +150,8 @@ def test_serve_colocated_runs_in_a_rank_on_a_gpu(monkeypatch):
 
 SIM_BUGS = [
     ("simulator: the handover costs nothing",
-     [("                t += costs.transfer_s(r.prompt_len)  # the decode worker receives the KV, then the first token\n",
-       "")], "simulate_matches", "token 0"),
+     [("    ready = sorted(((end + costs.transfer_s(r.prompt_len), r) for end, r in handed),",
+       "    ready = sorted(((end, r) for end, r in handed),")], "simulate_matches", "token 0"),
     ("simulator: a decode step priced at the batch it started with plus one",
      [("len(left), any(a <= t < b for a, b in busy))", "len(left) + 1, any(a <= t < b for a, b in busy))")],
      "simulate_matches", "decode step"),

@@ -282,8 +282,8 @@ def disagg_robust(learner: Learner, ctx: Context) -> Outcome:
 
 # ----------------------------------------------------------------------------- part 5: the simulator
 SIM_HINTS = {
-    "first": "a request's first token comes out when its decode worker has received it: after its prefill ended, "
-             "after the worker was free to take it (between steps, or idle), and after transfer_s(prompt_len)",
+    "first": "a request's first token comes out when its decode worker admits it: at the first step boundary (or "
+             "at once, when idle) after its prefill ended plus transfer_s(prompt_len)",
     "later": "each later token comes at the end of a decode step that costs decode_step_s(number running, whether a "
              "prefill worker is busy at the step's start)",
 }

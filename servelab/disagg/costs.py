@@ -22,7 +22,9 @@ class Costs:
     decode_base_s: float
     decode_per_seq_s: float  # a decode step of b running requests: decode_base_s + b * decode_per_seq_s
     transfer_base_s: float
-    transfer_per_token_s: float  # handing over a prompt of n tokens: transfer_base_s + n * transfer_per_token_s
+    # the handover of an n-token prompt: from the end of its prefill until its first token can be out on the
+    # decode side, transfer_base_s + n * transfer_per_token_s (the decode worker keeps decoding meanwhile)
+    transfer_per_token_s: float
     # workers that share a machine slow each other down (memory bandwidth, caches): a decode step that starts
     # while a prefill runs costs (1 + this) times as much. 0 for workers on machines (or GPUs) of their own.
     decode_slowdown_while_prefill: float = 0.0
@@ -58,19 +60,21 @@ def costs_from_run(run, requests: list[Request]) -> Costs:
     """Fit Costs to a DisaggRun: each prefill forward's time against its tokens; the time from one decode
     forward's start to the next against the batch (a step, bookkeeping included; gaps over 5x the median,
     where the worker sat idle, are left out), from the steps that ran while no prefill did, and how much
-    longer the others took; each transfer's time against its prompt length."""
+    longer the others took; each handover (``run.handover_s``) against its prompt length."""
     prefill = [(f[1], f[3]) for f in run.prefill_forwards]
     spans = [(f[2], f[2] + f[3]) for f in run.prefill_forwards]
     steps = [(a[0], b[2] - a[2], any(s < b[2] and a[2] < e for s, e in spans))
              for a, b in zip(run.decode_forwards, run.decode_forwards[1:])]
-    if not prefill or not steps or not run.transfers:
-        raise ValueError("costs_from_run needs a run with prefills, at least two decode steps and transfers")
+    if not prefill or not steps:
+        raise ValueError("costs_from_run needs a run with prefills and at least two decode steps")
     typical = statistics.median(dt for _, dt, _ in steps)
     steps = [s for s in steps if s[1] <= 5 * typical]
     quiet = [(b, dt) for b, dt, busy in steps if not busy] or [(b, dt) for b, dt, _ in steps]
     base, slope = fit_line(quiet)
     slowed = [dt / (base + slope * b) for b, dt, busy in steps if busy and base + slope * b > 0]
     lengths = {r.id: r.prompt_len for r in requests}
-    transfers = [(lengths[t.request_id], t.seconds) for t in run.transfers if t.request_id in lengths]
+    transfers = [(lengths[rid], s) for rid, s in run.handover_s(requests).items()]
+    if not transfers:
+        raise ValueError("costs_from_run needs a run in which requests were handed over")
     return Costs(*fit_line(prefill), base, slope, *fit_line(transfers),
                  max(0.0, statistics.median(slowed) - 1) if slowed else 0.0)

@@ -344,18 +344,19 @@ def simulate(requests: list[Request], costs: Costs, num_prefill: int = 1, num_de
         free[w] = start + costs.prefill_s(r.prompt_len)
         handed.append((free[w], r))
         busy.append((start, free[w]))
-    handed.sort(key=lambda x: (x[0], x[1].id))
+    # a request's KV is on its decode worker transfer_s after its prefill ended: round robin, in that order
+    ready = sorted(((end + costs.transfer_s(r.prompt_len), r) for end, r in handed),
+                   key=lambda x: (x[0], x[1].id))
     times: dict[int, list[float]] = {}
-    for queue in (handed[d::num_decode] for d in range(num_decode)):  # round robin, in the order prefills end
+    for queue in (ready[d::num_decode] for d in range(num_decode)):
         t, i, left = 0.0, 0, {}  # left: request id -> tokens still to decode
         while i < len(queue) or left:
             if not left:
-                t = max(t, queue[i][0])  # idle: wait for the next handover
+                t = max(t, queue[i][0])  # idle: wait for the next request to arrive
             while i < len(queue) and queue[i][0] <= t and len(left) < max_running:
                 r = queue[i][1]
                 i += 1
-                t += costs.transfer_s(r.prompt_len)  # the decode worker receives the KV, then the first token
-                times[r.id] = [t]
+                times[r.id] = [t]  # admitted between steps: its first token is out now
                 if r.max_new_tokens > 1:
                     left[r.id] = r.max_new_tokens - 1
             if left:
