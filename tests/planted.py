@@ -18,3 +18,12 @@ def planted(module: types.ModuleType, *edits: tuple[str, str]) -> Learner:
     linecache.cache[name] = (len(src), None, src.splitlines(True), name)  # Triton's jit reads the source back
     exec(compile(src, name, "exec"), code.__dict__)
     return Learner(code.__dict__)
+
+
+def assert_fails(lab, module: types.ModuleType, name: str, edits, criterion: str, words: str, seed: int = 3) -> None:
+    """The bug ``name`` (``edits`` planted into ``module``) fails ``criterion`` of ``lab``, saying ``words``."""
+    from grader.spec import Context, run_criterion
+
+    res = run_criterion(lab.get(criterion), planted(module, *edits), Context(lab.id, quick=True, seed=seed))
+    assert res.status == "failed", f"{name}: {criterion} {res.status}: {res.message}"
+    assert words in res.message, f"{name}: {res.message}"

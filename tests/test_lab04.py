@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-from planted import planted as plant
+from planted import assert_fails
 
 import servelab.reference.disaggregation as solution
 from grader.labs import lab04_disagg as lab04
-from grader.spec import Context, run_criterion
+
 from servelab.workloads import mixed_trace
 
 CLASSIC = [
@@ -43,10 +43,7 @@ CLASSIC = [
 @pytest.mark.slow
 @pytest.mark.parametrize("name,edits,criterion,words", CLASSIC, ids=[c[0] for c in CLASSIC])
 def test_classic_bug_fails_its_criterion(name, edits, criterion, words):
-    res = run_criterion(lab04.LAB.get(criterion), plant(solution, *edits),
-                        Context("04_disaggregation", quick=True, seed=3))
-    assert res.status == "failed", f"{name}: {criterion} {res.status}: {res.message}"
-    assert words in res.message, f"{name}: {res.message}"
+    assert_fails(lab04.LAB, solution, name, edits, criterion, words)
 
 
 def test_mixed_trace_is_seeded_and_mixed():
@@ -160,10 +157,7 @@ SIM_BUGS = [
 
 @pytest.mark.parametrize("name,edits,criterion,words", SIM_BUGS, ids=[c[0] for c in SIM_BUGS])
 def test_simulator_bug_fails(name, edits, criterion, words):
-    res = run_criterion(lab04.LAB.get(criterion), plant(solution, *edits),
-                        Context("04_disaggregation", quick=True, seed=5))
-    assert res.status == "failed", f"{name}: {criterion} {res.status}: {res.message}"
-    assert words in res.message, f"{name}: {res.message}"
+    assert_fails(lab04.LAB, solution, name, edits, criterion, words, seed=5)
 
 
 def test_costs_fit_medians_per_size():
