@@ -82,6 +82,12 @@ def _indexed(dev: torch.device) -> torch.device:
     return dev
 
 
+def preferred_dtype(device: str | torch.device | None = None) -> torch.dtype:
+    """Weights dtype for a model built from scratch (the timing presets): bf16 on a GPU, where serving runs in
+    half precision and its tensor cores expect it; float32 on CPU, where bf16 matmuls are slow or emulated."""
+    return torch.bfloat16 if get_device(device).type == "cuda" else torch.float32
+
+
 def device_class(device: str | torch.device | None = None) -> str:
     """Key for per-hardware thresholds: 'cpu', 'h200', 'h100', 'a100', 'l4', ... or 'unknown-gpu'."""
     dev = get_device(device)

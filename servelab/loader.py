@@ -1,4 +1,4 @@
-"""Load models and tokenizers: the shipped defaults, a local HF directory, or (online) a hub id.
+"""Load models and tokenizers: the shipped defaults, a benchmark preset, a local HF directory, or (online) a hub id.
 
 Model choice is one setting: an argument, else ``$SERVELAB_MODEL``, else the shipped target.
 """
@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from servelab.config import CheckpointError, ModelConfig, UnsupportedModelError, read_json
 from servelab.device import get_device
 from servelab.model import CausalLM
+from servelab.presets import PRESETS, build_preset, no_tokenizer
 
 MODEL_ENV = "SERVELAB_MODEL"
 DRAFT_ENV = "SERVELAB_DRAFT_MODEL"
@@ -28,9 +29,24 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+def model_name(name_or_path: str | os.PathLike | None = None, env: str = MODEL_ENV) -> str:
+    """The model setting: the argument, else ``$env``, else the shipped target (draft for the draft setting)."""
+    return str(name_or_path or os.environ.get(env) or ("draft" if env == DRAFT_ENV else "target"))
+
+
+def known_names() -> list[str]:
+    """Names that need no path: the shipped models and the benchmark presets (``servelab.presets``)."""
+    return sorted(SHIPPED) + sorted(PRESETS)
+
+
 def resolve_model_path(name_or_path: str | os.PathLike | None = None, env: str = MODEL_ENV) -> Path:
-    """'target' / 'draft' (shipped), a local directory, or a Hugging Face hub id (needs internet)."""
-    name = str(name_or_path or os.environ.get(env) or ("draft" if env == DRAFT_ENV else "target"))
+    """'target' / 'draft' (shipped), a local directory, or a Hugging Face hub id (needs internet).
+
+    Presets have no directory: ``load_model`` builds them in memory."""
+    name = model_name(name_or_path, env)
+    if name in PRESETS:
+        raise ModelNotFoundError(f"{name!r} is a benchmark preset built in memory by load_model: it has no "
+                                 "checkpoint directory")
     if name in SHIPPED:
         path = SHIPPED[name]
         if not (path / "config.json").is_file():
@@ -52,8 +68,8 @@ def resolve_model_path(name_or_path: str | os.PathLike | None = None, env: str =
             reason = " ".join(str(err).split())  # hub errors span several lines
             raise ModelNotFoundError(f"{name!r} is not a local directory and could not be downloaded from the "
                                      f"Hugging Face hub ({type(err).__name__}: {reason}). Pass a local checkpoint "
-                                     f"directory, or one of {sorted(SHIPPED)}.") from err
-    raise ModelNotFoundError(f"model {name!r} not found: pass {sorted(SHIPPED)}, a local Hugging Face model "
+                                     f"directory, or one of {known_names()}.") from err
+    raise ModelNotFoundError(f"model {name!r} not found: pass one of {known_names()}, a local Hugging Face model "
                              f"directory, or a hub id like 'Qwen/Qwen2.5-0.5B' (set ${env} to choose it everywhere)")
 
 
@@ -105,12 +121,19 @@ def read_safetensors(file: Path) -> dict[str, torch.Tensor]:
 
 
 def load_model(name_or_path: str | os.PathLike | None = None, device: str | torch.device | None = None,
-               dtype: torch.dtype = torch.float32, env: str = MODEL_ENV, fuse_projections: bool = True) -> CausalLM:
+               dtype: torch.dtype | None = None, env: str = MODEL_ENV, fuse_projections: bool = True) -> CausalLM:
     """Build servelab's own CausalLM from a Hugging Face checkpoint, in eval mode, on ``device``.
 
+    A preset name (``servelab.presets``: ``bench-1b``, ``bench-tiny``) builds that shape with seeded random
+    weights instead, for timing. ``dtype``: default float32 for a checkpoint, the preset's device default
+    (bf16 on CUDA) for a preset.
     ``fuse_projections``: q/k/v and gate/up weights joined into one matmul each (``CausalLM.fuse_projections``).
     """
-    path = resolve_model_path(name_or_path, env)
+    name = model_name(name_or_path, env)
+    if name in PRESETS:
+        return build_preset(name, device, dtype, fuse_projections=fuse_projections)
+    dtype = dtype or torch.float32
+    path = resolve_model_path(name, env)
     with _with_repair_hint(path, env):
         cfg = ModelConfig.from_dir(path)
         state = {k: v for k, v in read_state_dict(path).items() if "rotary_emb" not in k}
@@ -141,8 +164,13 @@ def load_tokenizer(name_or_path: str | os.PathLike | None = None, env: str = MOD
     transformers' model and distributed code (torch.distributed.tensor, sympy: ~900 modules, seconds on a
     cold or sandboxed machine) for a tokenizer it builds from tokenizer.json all the same. Any other
     checkpoint goes through ``AutoTokenizer``, which knows each model family's tokenizer class.
+
+    A benchmark preset has random weights and no tokenizer: ``presets.NoTokenizerError`` says to pass token ids.
     """
-    path = resolve_model_path(name_or_path, env)
+    name = model_name(name_or_path, env)
+    if name in PRESETS:
+        raise no_tokenizer(name)
+    path = resolve_model_path(name, env)
     with _with_repair_hint(path, env):
         check_tokenizer_files(path)
         try:
