@@ -351,17 +351,17 @@ def disagg_tpot(learner: Learner, ctx: Context) -> Outcome:
     from servelab.timing import PairedResult
 
     reqs = mixed_requests(ctx)
-    name, eos = ctx.model(), None
+    model, eos = ctx.model(), None
     engine = {"max_running": 16, "num_blocks": 1024, "block_size": 16}
     colo, disagg = [], []
     for i in range(3):
         order = ("colocated", "disaggregated") if i % 2 == 0 else ("disaggregated", "colocated")
         for which in order:
             if which == "colocated":
-                colo.append(serve_colocated(paged_continuous_batching, name, reqs, eos, threads=2,
+                colo.append(serve_colocated(paged_continuous_batching, model, reqs, eos, threads=2,
                                             max_step_tokens=4096, **engine))
             else:
-                run = _disagg(learner, name, reqs, eos, overlap=True, timeout_s=120, threads_per_rank=1, **engine)
+                run = _disagg(learner, model, reqs, eos, overlap=True, timeout_s=120, threads_per_rank=1, **engine)
                 _rank_errors(run, "mixed trace")
                 disagg.append(run)
     timed_runs_differ(colo, disagg, reqs, "the colocated engine")

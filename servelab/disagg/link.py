@@ -223,21 +223,22 @@ class Link:
     def recv_into(self, tensor: torch.Tensor, timeout_s: float | None = None) -> None:
         """Receive the next payload into ``tensor`` (same shape and dtype as sent). Blocks;
         TransferTimeout after ``timeout_s`` (default: the link's timeout)."""
-        if self._header is not None:
-            raise RuntimeError(
-                "recv_into called while a header receive is posted (poll_header returned None and the header "
-                "has not been taken yet). Receive every payload of a message before polling for the next "
-                "header: with NCCL the posted header receive would swallow this payload.")
+        self._no_header_posted("recv_into")
         self._irecv(tensor, _PAYLOAD_TAG, _describe(tensor)).wait(timeout_s)
 
     def irecv_into(self, tensor: torch.Tensor) -> Handle:
         """Start receiving the next payload into ``tensor`` and return at once: ``handle.is_completed()`` says
         (without blocking) whether it has arrived, ``handle.wait()`` finishes it (``tensor`` holds the data
         only then) or raises TransferTimeout / PeerLost. Post a message's receives in the order it was sent."""
-        if self._header is not None:
-            raise RuntimeError("irecv_into called while a header receive is posted: post every payload receive "
-                               "of a message before polling for the next header")
+        self._no_header_posted("irecv_into")
         return self._irecv(tensor, _PAYLOAD_TAG, _describe(tensor), self._recv_waiter)
+
+    def _no_header_posted(self, what: str) -> None:
+        if self._header is not None:
+            raise RuntimeError(
+                f"{what} called while a header receive is posted (poll_header returned None and the header "
+                "has not been taken yet). Receive every payload of a message before polling for the next "
+                "header: with NCCL the posted header receive would swallow this payload.")
 
     def flush(self, timeout_s: float | None = None) -> None:
         """Wait until the peer has received everything sent so far (run_ranks does this when a rank ends)."""

@@ -1,8 +1,8 @@
-"""Launch a serving setup in worker processes: 1 prefill + 1 decode worker, or one colocated engine.
+"""Run a serving setup: 1 prefill + 1 decode worker in two processes, or one colocated engine.
 
-Both setups run in processes started the same way with the same total CPU threads, so that their
-comparison is fair. The learner's worker functions run inside the ranks (forked: notebook functions
-cannot be pickled); the model is loaded in each rank, on the rank's device.
+Both setups get the same total CPU threads (two workers of 1 thread, or one engine of 2), so that their
+comparison is fair. The learner's worker functions run inside forked ranks (notebook functions cannot be
+pickled); each rank uses the parent's model where the device matches, else loads it on its own device.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ class TimedLink:
     worker sees it: when it finishes the receive)."""
 
     def __init__(self, link: Link):
-        self.link, self.transfers, self._open = link, [], None
+        self.link, self.transfers, self._open, self._t0 = link, [], None, 0.0
 
     def _header(self, header):
         if header is not None and header["kind"] == KIND_KV:
@@ -93,23 +93,27 @@ class TimedLink:
 
     def recv_into(self, tensor, timeout_s=None):
         self.link.recv_into(tensor, timeout_s)
-        if self._open is not None:
-            self._open.bytes += tensor.numel() * tensor.element_size()
-            self._open.seconds = time.perf_counter() - self._t0
+        self._count(tensor)()
 
     def irecv_into(self, tensor):
         """The receive's handle, whose wait() (once it has arrived) also closes the transfer's time."""
         handle = self.link.irecv_into(tensor)
-        record, t0, finish = self._open, getattr(self, "_t0", 0.0), handle.wait
-        if record is not None:
-            record.bytes += tensor.numel() * tensor.element_size()
+        done, finish = self._count(tensor), handle.wait
 
-            def wait(timeout_s=None):
-                finish(timeout_s)
-                record.seconds = max(record.seconds, time.perf_counter() - t0)
+        def wait(timeout_s=None):
+            finish(timeout_s)
+            done()
 
-            handle.wait = wait
+        handle.wait = wait
         return handle
+
+    def _count(self, tensor) -> Callable[[], None]:
+        """Count ``tensor`` into the open transfer now; the returned call stamps when it has arrived."""
+        record, t0 = self._open, self._t0
+        if record is None:
+            return lambda: None
+        record.bytes += tensor.numel() * tensor.element_size()
+        return lambda: setattr(record, "seconds", max(record.seconds, time.perf_counter() - t0))
 
     def __getattr__(self, name):
         return getattr(self.link, name)
@@ -119,11 +123,11 @@ class FaultyPrefill:
     """Fault injection on the prefill side, after ``after`` KV headers: the process dies (SIGKILL) before the
     next forward, or the next transfer stalls forever after its header."""
 
-    def __init__(self, link: Link, model, fault: str):
+    def __init__(self, link: Link, fault: str):
         kind, _, n = fault.partition(":")
         if kind not in FAULTS or not n.isdigit():
             raise ValueError(f"unknown fault {fault!r}: use one of {', '.join(f + ':<n>' for f in FAULTS)}")
-        self.link, self.model, self.kind, self.after, self.headers = link, model, kind, int(n), 0
+        self.link, self.kind, self.after, self.headers = link, kind, int(n), 0
 
     def send_header(self, **fields):
         self.link.send_header(**fields)
@@ -170,7 +174,7 @@ def serve_disaggregated(prefill: Callable, decode: Callable, model, requests: li
         if ctx.rank == 0:
             link, m = ctx.link, log
             if fault:
-                link = FaultyPrefill(ctx.link, log, fault)
+                link = FaultyPrefill(ctx.link, fault)
                 m = DyingModel(log, link)
             completions = prefill(link, m, requests, clock, block_size, overlap)
             return {"completions": completions, "forwards": log.shapes}
