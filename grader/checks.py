@@ -111,13 +111,20 @@ NOISE_BAND = 0.75  # a wall-clock ratio within this fraction of its threshold, w
 # passing, is reported as "looks like noise: rerun" rather than as a slow implementation
 
 
+def looks_like_noise(timing, threshold: float) -> bool:
+    """A busy machine, not slow code: the median is near the bar, or some pair reached it (the code can)."""
+    return timing.speedup >= NOISE_BAND * threshold or max(timing.ratios) >= threshold
+
+
 def speed_verdict(what: str, timing, threshold: float | None, device_class: str, deterministic: str,
                   deterministic_ok: bool, metrics: dict, hint: str = "") -> Outcome:
     """The verdict of a wall-clock criterion: median of alternating pairs, with every pair's ratio shown.
 
     ``deterministic`` states the same comparison as a count (steps, forward tokens) measured in the same run;
-    when it passes and the wall ratio misses the threshold narrowly, the machine was busy, and the verdict
-    says so (still not passed: rerun) instead of blaming the code. ``hint`` is for a clear miss only.
+    when it passes and the wall ratio misses the threshold narrowly (or some pair reached it), the machine was
+    busy, and the verdict says so (still not passed: rerun; ``metrics["noise"]`` is set, and an inline check
+    warns instead of stopping the notebook) instead of blaming the code. ``hint`` is for a clear miss only.
+    A miss keeps its metrics: the report shows the pairs either way.
     """
     pairs = ", ".join(f"{r:.2f}" for r in timing.ratios)
     head = f"{what} {timing.speedup:.2f}x (median of {len(timing.ratios)} alternating pairs: {pairs})"
@@ -128,10 +135,11 @@ def speed_verdict(what: str, timing, threshold: float | None, device_class: str,
     if threshold is not None and timing.speedup >= threshold:
         return Outcome(True, f"{head} reaches the {threshold}x threshold for {device_class}; {deterministic}", metrics)
     below = f"{head} is below the {threshold}x threshold for {device_class}"
-    if threshold is not None and deterministic_ok and timing.speedup >= NOISE_BAND * threshold:
+    if threshold is not None and deterministic_ok and looks_like_noise(timing, threshold):
         raise Fail(f"{below}, but this looks like noise: {deterministic}, and the pairs spread "
-                   f"{min(timing.ratios):.2f}-{max(timing.ratios):.2f}x. Rerun this check on a quieter machine")
-    raise Fail(f"{below}; {deterministic}", hint)
+                   f"{min(timing.ratios):.2f}-{max(timing.ratios):.2f}x. Rerun this check on a quieter machine",
+                   metrics={**metrics, "noise": True})
+    raise Fail(f"{below}; {deterministic}", hint, metrics)
 
 
 MAX_DIFFERING = 0.05  # batched float math may flip a rare near-tie argmax between two batchings; more is a bug

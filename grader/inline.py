@@ -49,7 +49,8 @@ def check(
 ) -> CheckResults:
     """Run the criteria of exercise (or criterion id) ``name`` on the caller's definitions and print one
     line each. Returns their Results as ``CheckResults`` (a list; its repr is one line); raises
-    ``CheckFailed`` when one did not pass.
+    ``CheckFailed`` when one did not pass (a speed miss that looks like a busy machine only warns: the
+    notebook goes on, and the grader's own run decides).
 
     ``speed=False`` skips the performance criteria (quick iterations on correctness); the default runs them,
     except in quick mode ($SERVELAB_QUICK, CI), where the grader's own run times them instead.
@@ -87,13 +88,21 @@ def check(
             res = _run_with_limit(crit, learner, ctx)
         done[crit.id] = res
         print(_line(res), flush=True)
-    bad = [r.id for r in done.values() if r.status in ("failed", "timeout", "error")]
+    bad = [r.id for r in done.values() if r.status in ("failed", "timeout", "error") and not noisy(r)]
+    if noise := [r.id for r in done.values() if noisy(r)]:
+        print(f"⚠️ {', '.join(noise)}: a busy machine, not your code (its deterministic figure passed); not counted "
+              f"as passed: rerun `check({name!r})` when the machine is quieter", flush=True)
     if bad:
         raise CheckFailed(
             f"{name}: {len(bad)} of {len(done)} checks did not pass ({', '.join(bad)}); "
             f"see the messages above (seed {ctx.seed})"
         )
     return CheckResults(done.values())
+
+
+def noisy(res: Result) -> bool:
+    """A speed check that missed on wall time while its deterministic figure passed (see speed_verdict)."""
+    return res.status == "failed" and res.kind == "performance" and bool(res.metrics.get("noise"))
 
 
 def integrity_warnings(lab: Lab, ns: dict) -> list[str]:

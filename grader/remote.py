@@ -339,9 +339,10 @@ class Handles:
                 if isinstance(obj, CountingModel):
                     calls = [Call(_int(c[0]), _int(c[1]), bool(c[2]), float(c[3]),
                                   [[_int(p) for p in row] for row in c[4]]) for c in s["calls"]]
+                    # the worker's probe starts empty each call: what it saw comes after what this one holds
                     if isinstance(obj, RecordingModel):
-                        obj.forwards = _forwards(obj, calls, s["forwards"], seqs)
-                    obj.calls = calls
+                        obj.forwards = obj.forwards + _forwards(obj, calls, s["forwards"], seqs)
+                    obj.calls = obj.calls + calls
                 elif isinstance(obj, CountingClock):
                     obj.steps, obj.clock.t = _int(s["steps"]), float(s["t"])
                     marks = [_int(m) for m in s.get("marks", [])]

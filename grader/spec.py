@@ -45,12 +45,13 @@ class Fail(Exception):
     """Raise from a criterion (or its helpers) to fail it with this message; reported as `failed`.
 
     ``hint``: advice for exactly this failed check, shown after the message. Give one only where it fits
-    this failure; a failure with no fitting hint shows none.
+    this failure; a failure with no fitting hint shows none. ``metrics``: what was measured, kept in the
+    report like a pass's (a failed speed check still shows its pairs).
     """
 
-    def __init__(self, message: str, hint: str = ""):
+    def __init__(self, message: str, hint: str = "", metrics: dict | None = None):
         super().__init__(message)
-        self.hint = hint
+        self.hint, self.metrics = hint, dict(metrics or {})
 
 
 class GradingError(Exception):
@@ -317,7 +318,7 @@ def run_criterion(crit: Criterion, learner: Learner, ctx: Context) -> Result:
         passed, message, metrics = bool(out[0]), str(out[1]), dict(out[2] or {}) if len(out) > 2 else {}
         status = "passed" if passed else "failed"
     except Fail as err:
-        status, message = "failed", str(err) + (f"\nHint: {err.hint}" if err.hint else "")
+        status, message, metrics = "failed", str(err) + (f"\nHint: {err.hint}" if err.hint else ""), err.metrics
     except GradingError as err:
         status, message = "error", str(err)
     except Blocked as err:

@@ -34,8 +34,14 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "02_paged_attention/prefix_cache_saves_prefill": 3.0,
         # lab 03, shipped pair, batch 1, 1 thread (issue #13's bars in brackets):
         "03_speculative/tokens_per_forward": 2.5,  # deterministic; the solution: 3.56 at gamma 4 [2.5]
-        "03_speculative/draft_speedup": 1.1,  # the solution: 1.21-1.26x at its best gamma (2) [1.15]
-        "03_speculative/lookup_speedup": 1.2,  # code that re-emits its prompt; the solution: 1.24-1.57x [1.5]
+        # the solution: 0.92-1.19x at gamma 1-4 over about 20 runs of 7-9 pairs (2026-11-30), median about 1.07x. Below
+        # the issue's bar because in-loop c is 0.45-0.6 here (per-op overhead and the shared 4096-token head make a
+        # 2-layer draft cost half a 6-layer target step) and v 1.15-1.9; the formula predicts exactly this, and
+        # its 15% band is what grades the loop on a CPU. This bar only catches a loop that loses clearly (a draft
+        # run without its cache: 0.36x); the deterministic figure is tokens_per_forward
+        "03_speculative/draft_speedup": 0.9,  # [1.15]
+        # code that re-emits its prompt; the solution: 1.28-1.73x, by the hidden prompts (alpha 0.62-0.75) [1.5]
+        "03_speculative/lookup_speedup": 1.2,
         # lab 04, mixed trace, p99 TPOT colocated (1 process, 2 threads) / 1P + 1D (2 processes, 1 thread each)
         "04_disaggregation/disagg_tpot": 2.0,  # issue #10's bar; the solution: see the closing note of #10
     },

@@ -49,6 +49,33 @@ def test_failing_check_raises_with_the_input_that_went_wrong(capsys):
     assert "list 0" in out and "expected" in out and "Hint: sum(xs) / len(xs)" in out
 
 
+def test_a_noisy_speed_miss_warns_and_the_notebook_goes_on(capsys, monkeypatch):
+    """A wall-clock miss whose deterministic figure passed (speed_verdict's "looks like noise") must not stop a
+    full-mode notebook at its check cell; a plain speed miss still does."""
+    import grader.inline as inline
+    from grader.spec import Result
+
+    real = inline._run_with_limit
+
+    def timed(noise: bool):
+        def run(crit, learner, ctx):
+            if crit.kind != "performance":
+                return real(crit, learner, ctx)
+            return Result(crit.id, crit.kind, "failed", 0, crit.points, "0.9x is below the 1.2x threshold",
+                          {"noise": True} if noise else {})
+        return run
+
+    monkeypatch.setattr(inline, "blocked_reason", lambda lab, crit, hw: None)
+    good = ns("def mean(xs):\n    return sum(xs) / len(xs)")
+    monkeypatch.setattr(inline, "_run_with_limit", timed(noise=True))
+    results = check("mean", namespace=good, speed=True)
+    assert {r.id: r.status for r in results}["mean_speed"] == "failed"  # reported as it is, never as passed
+    assert "⚠️ mean_speed: a busy machine" in capsys.readouterr().out
+    monkeypatch.setattr(inline, "_run_with_limit", timed(noise=False))
+    with pytest.raises(CheckFailed, match="mean_speed"):
+        check("mean", namespace=good, speed=True)
+
+
 def test_check_uses_the_callers_globals():
     global mean
 

@@ -113,6 +113,14 @@ def test_a_noisy_miss_says_rerun_and_gives_no_hint():
         speed_verdict("throughput", PairedResult([1.0] * 3, [1.6] * 3), 1.5, "cpu", "1.1x fewer steps", False, {},
                       hint="batch your forwards")
     assert "noise" not in str(err.value) and err.value.hint == "batch your forwards"
+    assert err.value.metrics["ratios"] == [0.625] * 3 and "noise" not in err.value.metrics  # a miss keeps its pairs
+    wide = PairedResult([1.0, 1.0, 1.0], [1.6, 0.6, 2.0])  # median 0.62 far below 1.5, but one pair reached 1.67
+    with pytest.raises(Fail) as err:
+        speed_verdict("throughput", wide, 1.5, "cpu", "2.75x fewer steps", True, {}, hint="batch your forwards")
+    assert "looks like noise" in str(err.value) and err.value.metrics["noise"] is True
+    with pytest.raises(Fail) as err:  # the same pairs with the deterministic figure failing: slow code
+        speed_verdict("throughput", wide, 1.5, "cpu", "1.1x fewer steps", False, {}, hint="batch your forwards")
+    assert "noise" not in str(err.value) and "noise" not in err.value.metrics
     ok = speed_verdict("throughput", PairedResult([2.0] * 3, [1.0] * 3), 1.5, "cpu", "2.75x fewer steps", True, {})
     assert ok.passed and "median of 3 alternating pairs: 2.00, 2.00, 2.00" in ok.message
 

@@ -33,6 +33,24 @@ def test_classic_bug_fails_its_criterion(name, edits, criterion, words):
     assert_fails(lab03.LAB, solution, name, edits, criterion, words)
 
 
+@pytest.mark.slow
+def test_a_draft_without_its_cache_misses_the_prediction():
+    """Right tokens, but the draft runs over the whole sequence for every drafted token (its cache unused): time
+    the formula does not count. The speed criterion says so by its prediction band, whatever the threshold,
+    with the hint that fits."""
+    from grader.spec import Context, run_criterion
+    from planted import planted
+
+    cached = ("            logits = draft(torch.tensor([new]), torch.arange(d_len, d_len + len(new))[None], d_view)\n"
+              "            d_len += len(new)\n            new = [int(logits[0, -1].argmax())]")
+    bug = planted(solution, (cached, cached.replace("torch.tensor([new]), torch.arange(d_len, d_len + len(new))",
+                                                    "torch.tensor([seq + drafted]), torch.arange(len(seq) + len(drafted))")))
+    res = run_criterion(lab03.LAB.get("draft_speedup"), bug, Context(lab03.LAB.id, quick=True, seed=3, threshold=0.1))
+    assert res.status == "failed" and "beyond its 15% band" in res.message, res.message
+    assert "position 0" in res.message and not res.metrics.get("noise"), res.message
+    assert res.metrics["prediction_error"] < -0.15 and len(res.metrics["ratios"]) == 5
+
+
 def test_a_one_token_prompt_has_no_prefill_to_skip():
     """A 1-token prompt's first round starts at position 0: it is a verify forward, not a prefill (a CI run with
     such a hidden prompt once counted one verify too few)."""

@@ -138,6 +138,30 @@ def test_recorded_forwards_are_validated():
         handles.apply({"0": state(wrong_vocab)})
 
 
+def test_a_probe_passed_to_two_calls_keeps_both_records():
+    """The worker builds a fresh probe for every call; the harness's probe adds each call's record to what it
+    holds. (It once kept only the last call's: a timed run over two prompts then counted one prompt's forwards,
+    and lab 03's prompt lookup looked 15x costlier to propose than it is.)"""
+    from grader.probes import CountingModel, RecordingModel
+    from grader.worker import state
+
+    class Tiny:
+        config = type("C", (), {"vocab_size": 5})()
+
+        def __call__(self, ids, positions=None, cache=None):
+            return torch.randn(*ids.shape, 5)
+
+    counting, recording = CountingModel(Tiny()), RecordingModel(Tiny())
+    for call in ([[1, 2]], [[3]]):  # two learner calls, each seen by fresh worker-side probes
+        handles = Handles(FakeWorker())
+        handles._add(counting), handles._add(recording)
+        w_counting, w_recording = CountingModel(Tiny()), RecordingModel(Tiny())
+        w_counting(torch.tensor(call)), w_recording(torch.tensor(call))
+        handles.apply({"0": state(w_counting), "1": state(w_recording)})
+    assert [c.tokens for c in counting.calls] == [2, 1] and [c.tokens for c in recording.calls] == [2, 1]
+    assert [f.ids for f in recording.forwards] == [[[1, 2]], [[3]]]
+
+
 def test_wrappers_cross_as_handles_and_refuse_unknown_models():
     from grader.codec import CodecError
     from grader.probes import CountingModel, NegatedModel, OtherVocabModel

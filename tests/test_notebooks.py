@@ -70,7 +70,7 @@ def test_solution_passes_the_grader(lab, tmp_path):
     # a wall-clock ratio may miss narrowly on a busy CI machine: the grader then says "looks like noise",
     # which it only does when the deterministic figure of that run passes
     noisy = {c["id"] for c in rep["criteria"] if c["kind"] == "performance" and c["status"] == "failed"
-             and "looks like noise" in c["message"]}
+             and c["metrics"].get("noise") and "looks like noise" in c["message"]}
     bad = {c["id"]: c["message"] for c in rep["criteria"]
            if c["status"] not in ("passed", "blocked") and c["id"] not in noisy}
     assert not bad, bad

@@ -534,22 +534,28 @@ def timed_comparison(learner: Learner, ctx: Context, kind: str, gamma: int, repe
     drafted = sum(r.drafted for r in last)
     g_eff = drafted / max(1, verifies)  # prompt lookup may propose fewer than gamma
     if kind == "draft":
-        c = statistics.mean(drafts) / step
+        c = statistics.mean(drafts) / step if drafts else 0.0  # none: every draft forward started at position 0
     else:  # the proposer's cost: what the runs spent outside target forwards, per drafted token
         outside = statistics.median(s - sum(c.seconds for c in t.calls) for s, (t, _) in zip(timing.candidate_s,
                                                                                               probes[1:]))
         c = max(0.0, outside / max(1, drafted)) / step
     v = statistics.mean(verify) / step
-    prediction = predicted(alpha, g_eff, c, v)
+    prediction = predicted(alpha, [d for r in last for d, _ in r.rounds], c, v)
     stats = {"gamma": gamma, "alpha": round(alpha, 4), "tokens_per_verify": round(
         sum(len(r.tokens) for r in last) / max(1, verifies), 3), "drafts_per_round": round(g_eff, 3),
         "c": round(c, 3), "v": round(v, 3), "step_ms": round(step * 1e3, 3), "predicted": round(prediction, 3)}
     return timing, stats
 
 
-def predicted(alpha: float, gamma: float, c: float, v: float) -> float:
-    tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-    return tokens / (gamma * c + v)
+def predicted(alpha: float, drafts_per_round: list[int], c: float, v: float) -> float:
+    """The formula applied round by round to the proposals made: expected tokens over cost, both summed over
+    the rounds. With gamma drafts every round (a draft model) this is (1 - a^(g+1)) / ((1 - a)(g c + v)) itself;
+    prompt lookup proposes fewer in some rounds, none where the n-gram has no earlier match, and the formula
+    at the mean proposal count overstates its tokens (measured: by 8%)."""
+    def tokens(d: int) -> float:
+        return d + 1 if alpha >= 1 else (1 - alpha ** (d + 1)) / (1 - alpha)
+
+    return sum(map(tokens, drafts_per_round)) / max(1e-9, sum(d * c + v for d in drafts_per_round))
 
 
 @LAB.criterion("tokens_per_forward", "performance", 2, exercise="speculative_greedy", timeout_s=240)
@@ -576,39 +582,52 @@ def tokens_per_forward(learner: Learner, ctx: Context) -> Outcome:
                "accept every agreeing draft and always add the target's own token (the bonus when all agree)")
 
 
+PREDICTION_BAND = 0.15  # the measured speedup must be within 15% of the formula's prediction (issue #13)
+SPREAD_NOISE = 1.3  # pairs spreading wider than this (max / min, the extreme two set aside) say the machine was busy
+
+
 def _speed(learner: Learner, ctx: Context, kind: str) -> Outcome:
-    gammas = (2, 3, 4) if kind == "draft" else (4, 8)
+    gammas = (1, 2, 3, 4) if kind == "draft" else (4, 8)
     prompts = speed_prompts(ctx, kind, 1 if ctx.quick else 2)
     best = max(gammas, key=lambda g: timed_comparison(learner, ctx, kind, g, 1, prompts[:1])[1]["predicted"])
-    timing, stats = timed_comparison(learner, ctx, kind, best, 3 if ctx.quick else 5, prompts)
+    timing, stats = timed_comparison(learner, ctx, kind, best, 5 if ctx.quick else 7, prompts)
     off = timing.speedup / stats["predicted"] - 1
     what = "draft-model speculation" if kind == "draft" else "prompt lookup on code"
     det = (f"gamma {best} (best predicted of {gammas}), alpha {stats['alpha']:.2f}, {stats['tokens_per_verify']:.2f} "
            f"tokens per verify, in-loop c {stats['c']:.2f} and v {stats['v']:.2f} predict {stats['predicted']:.2f}x "
            f"({off:+.0%} off)")
-    return speed_verdict(f"{what}: plain cached greedy / speculative time", timing, ctx.threshold, ctx.device_class,
-                         det, stats["tokens_per_verify"] >= 1.5, {**stats, "prediction_error": round(off, 3)},
-                         "time the loop: a Python-heavy round adds cost the formula does not count")
+    metrics = {**stats, "prediction_error": round(off, 3)}
+    middle = sorted(timing.ratios)[1:-1] if len(timing.ratios) >= 5 else timing.ratios  # one stray pair aside
+    if off < -PREDICTION_BAND and max(middle) / min(middle) <= SPREAD_NOISE:  # steady pairs, well below the prediction: the code
+        raise Fail(f"{what}: {timing.speedup:.2f}x measured (pairs {', '.join(f'{r:.2f}' for r in timing.ratios)}) is "
+                   f"{off:+.0%} off the formula's prediction, beyond its {PREDICTION_BAND:.0%} band: {det}. The "
+                   "rounds spend time outside the two models' forwards that the formula does not count",
+                   "time one round piece by piece: per-token .item() calls, copying token lists or caches, or "
+                   "running the draft again over tokens it already saw (a forward from position 0) add up",
+                   {**metrics, "speedup": round(timing.speedup, 3), "ratios": [round(r, 3) for r in timing.ratios]})
+    out = speed_verdict(f"{what}: plain cached greedy / speculative time", timing, ctx.threshold, ctx.device_class,
+                        det, stats["tokens_per_verify"] >= 1.5, metrics,
+                        "time the loop: a Python-heavy round adds cost the formula does not count")
+    if abs(off) <= PREDICTION_BAND:
+        return Outcome(True, f"{out.message}, within {PREDICTION_BAND:.0%} of the prediction", out.metrics)
+    # faster than predicted, or pairs all over the place: the timings, not the code
+    raise Fail(f"{out.message}; but it is {off:+.0%} off the formula's prediction (band {PREDICTION_BAND:.0%}), and "
+               f"the pairs spread {min(timing.ratios):.2f}-{max(timing.ratios):.2f}x: this looks like noise. Rerun "
+               "this check on a quieter machine", metrics={**out.metrics, "noise": True})
 
 
 @LAB.criterion("draft_speedup", "performance", 2, exercise="speculative_greedy", timeout_s=400)
 def draft_speedup(learner: Learner, ctx: Context) -> Outcome:
     """Wall clock, batch 1, shipped pair: plain cached greedy / speculative_greedy at the best gamma (median of
-    alternating pairs), with the prediction from alpha, c and v measured inside the loops."""
+    alternating pairs), within 15% of the prediction from alpha, c and v measured inside the loops."""
     return _speed(learner, ctx, "draft")
 
 
 @LAB.criterion("lookup_speedup", "performance", 2, exercise="speculative_lookup", timeout_s=400)
 def lookup_speedup(learner: Learner, ctx: Context) -> Outcome:
     """Wall clock, batch 1: plain cached greedy / speculative_lookup on a code trace that re-emits its prompt
-    (median of alternating pairs), with the prediction from alpha, c and v measured inside the loops."""
+    (median of alternating pairs), within 15% of the prediction from alpha, c and v measured inside the loops."""
     return _speed(learner, ctx, "lookup")
-
-
-# Not graded yet: "each measured speedup within 15% of the formula's prediction" (issue #13). Through the grader's
-# worker on this busy 2-core VM the draft's prediction missed by -19% and prompt lookup's by -43% (the formula
-# assumes gamma proposals every round; lookup often proposes fewer). The notebook plots both; a criterion needs
-# a prediction that counts the proposals made, and a measurement on a quieter machine.
 
 
 # ----------------------------------------------------------------------------- GPU
