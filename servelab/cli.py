@@ -77,8 +77,20 @@ def cmd_doctor(args) -> int:
     for lab, mode in support.items():
         labs.add_row(lab, mode)
     console.print(labs)
+    report = {"machine": info, "labs": support}
+    if not args.no_ceilings:
+        from dataclasses import asdict
+
+        from servelab.ceilings import measure
+
+        ceilings = measure(info["device"])  # a few seconds: what the labs' figures are compared against
+        table = Table(title=f"ceilings measured on {info['device']}", show_header=False)
+        for key, value in ceilings.rows():
+            table.add_row(key, value)
+        console.print(table)
+        report["ceilings"] = asdict(ceilings)
     if out:
-        write_json(out, {"machine": info, "labs": support})
+        write_json(out, report)
     return 0
 
 
@@ -99,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     doctor = sub.add_parser("doctor", help="what hardware, backends and versions this machine has, lab by lab")
     doctor.add_argument("--device", default=None, help=device_help)
     doctor.add_argument("--json", help="also write the report to this file")
+    doctor.add_argument("--no-ceilings", action="store_true",
+                        help="skip measuring copy bandwidth and matmul rate (a few seconds)")
     doctor.set_defaults(func=cmd_doctor)
     tour = sub.add_parser("tour", help="load the default models, generate, and print each lab's headline numbers")
     tour.add_argument("--model", help="target model: 'target' (shipped), a local HF dir or hub id ($SERVELAB_MODEL)")

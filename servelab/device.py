@@ -257,6 +257,7 @@ def describe(device: str | torch.device | None = None) -> dict:
         "device_class": device_class(dev),
         "cuda": torch.version.cuda,
         "gpus": torch.cuda.device_count() if dev.type == "cuda" else 0,
+        "compute_capability": ".".join(map(str, torch.cuda.get_device_capability(dev))) if dev.type == "cuda" else None,
         "cpu_threads": torch.get_num_threads(),
         "triton_mode": triton_mode(),
         "dist_backend": dist_backend(),

@@ -46,7 +46,11 @@ def test_doctor_reports_the_device_the_labs_use_and_why(capsys, monkeypatch):
 def test_json_goes_into_a_new_folder(capsys, tmp_path):
     out = tmp_path / "new" / "folder" / "doctor.json"
     code, _, _ = run(capsys, "doctor", "--json", str(out))
-    assert code == 0 and json.loads(out.read_text())["machine"]["device_choice"]
+    report = json.loads(out.read_text())
+    assert code == 0 and report["machine"]["device_choice"]
+    assert report["ceilings"]["copy_bytes_per_s"] > 0 and report["ceilings"]["matmul_flops_per_s"] > 0
+    code, _, _ = run(capsys, "doctor", "--no-ceilings", "--json", str(out))
+    assert code == 0 and "ceilings" not in json.loads(out.read_text())
 
 
 @pytest.mark.parametrize("command", ["doctor", "tour"])
