@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     rel.add_argument("--root", type=Path, default=None, help="repository root (default: this checkout)")
 
     sub.add_parser("list", help="list labs and their criteria")
+    sub.add_parser("thresholds", help="every speed threshold per device class, and where each class's come from")
     args = ap.parse_args(argv)
 
     if args.cmd == "check":
@@ -146,8 +147,27 @@ def main(argv: list[str] | None = None) -> int:
             print("run `python -m grader release` and commit the result", file=sys.stderr)
             return 1
         return 0
+    if args.cmd == "thresholds":
+        list_thresholds()
+        return 0
     list_labs()
     return 0
+
+
+def list_thresholds() -> None:
+    """The threshold table: a row per performance criterion, a column per device class ("-": blocked there),
+    then each class's provenance."""
+    from grader.thresholds import DEVICE_CLASSES, SOURCES, table
+
+    rows = table()
+    width = max(len(name) for name, _ in rows)
+    print(f"{'criterion':<{width}}  " + "  ".join(f"{d:>11}" for d in DEVICE_CLASSES))
+    for name, bars in rows:
+        print(f"{name:<{width}}  " + "  ".join(f"{'-' if bars[d] is None else bars[d]:>11}" for d in DEVICE_CLASSES))
+    print("\n-: no measured number for that device class, so the criterion is blocked there (not failed).")
+    for d in DEVICE_CLASSES:
+        print(textwrap.fill(f"{d}: {SOURCES.get(d, 'no numbers: every performance criterion is blocked')}", 100,
+                            subsequent_indent="    "))
 
 
 def list_labs() -> None:

@@ -56,8 +56,39 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "02_paged_attention/paged_concurrency": 3.0,
         "02_paged_attention/paged_throughput": 1.0,  # not measured on a GPU yet: the CPU bar
         "02_paged_attention/prefix_cache_saves_prefill": 3.0,  # a token count
+        "03_speculative/tokens_per_forward": 2.5,  # a count: the same on every device
     } for gpu in ("h100", "h200", "a100", "l4")},
 }
+
+
+DEVICE_CLASSES = ("cpu", "l4", "a100", "h100", "h200", "unknown-gpu")  # the columns of `python -m grader thresholds`
+
+# Where each device class's numbers come from (issue #14): a measured run, or what they are carried from.
+# A class that is not here has no numbers: its performance criteria are blocked, never failed.
+SOURCES: dict[str, str] = {
+    "cpu": "measured with the solution notebooks on a 2-core Intel Xeon cloud VM, 1 torch thread, 2026-11-29/30; "
+           "each line of grader/thresholds.py names its run",
+    "h200": "measured on one H200, 2026-11-30 (torch 2.11.0+cu130, after the per-step metadata rework; "
+            "scripts/check_gpu.py): labs 00 and 01. Lab 02's bars are counts (the same on every device) except "
+            "paged_throughput, the CPU bar, not yet measured on a GPU. Lab 03's tokens per forward is a count; its "
+            "wall-clock ratios and lab 04's are not measured (blocked)",
+    "h100": "not measured: the H200's bars, carried over because the shipped 5.4M model is bound by the host "
+            "(Python, launches) on any of these cards, not by the GPU",
+    "a100": "not measured: the H200's bars (see h100)",
+    "l4": "not measured: the H200's bars (see h100)",
+}
+
+
+def table() -> list[tuple[str, dict[str, float | None]]]:
+    """Every performance criterion of every lab with its bar per device class (None: blocked there)."""
+    from grader.labs import all_labs
+
+    rows = []
+    for lab in all_labs().values():
+        for crit in lab.criteria:
+            if crit.kind == "performance":
+                rows.append((f"{lab.id}/{crit.id}", {d: threshold(d, lab.id, crit.id) for d in DEVICE_CLASSES}))
+    return rows
 
 
 def threshold(device_class: str, lab: str, criterion: str) -> float | None:
