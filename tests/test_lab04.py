@@ -168,3 +168,42 @@ def test_costs_fit_medians_per_size():
     assert fit_line([(4, 1.5), (4, 2.5)]) == (2.0, 0.0)
     with pytest.raises(ValueError):
         fit_line([])
+
+
+def test_costs_from_run_take_tpot_from_the_intervals_between_tokens():
+    """A hand-made run: request 0 decodes alone at 10 ms a step but waits 40 ms once, while request 1's prefill
+    runs; request 1 then decodes with it. The decode line is the mean of the intervals no prefill overlapped
+    (a TPOT is a mean: the stall counts in it), the overlapped interval gives the slowdown, and each handover runs
+    from the end of the prefill forward to the first token."""
+    from servelab.disagg.costs import costs_from_run, fit_line
+    from servelab.engine import Completion, DisaggRun
+    from servelab.workloads import Request
+
+    reqs = [Request(0, list(range(100)), 6, 0.0), Request(1, list(range(200)), 3, 0.04)]
+    run = DisaggRun("test", {}, 6, 4)
+    run.prefill_forwards = [[1, 100, 0.0, 0.02], [1, 200, 0.05, 0.04]]
+    run.decode_forwards = [[1, 1, 0.03, 0.01], [1, 1, 0.04, 0.01], [1, 1, 0.08, 0.01], [2, 1, 0.10, 0.01],
+                           [2, 1, 0.11, 0.01], [1, 1, 0.12, 0.01]]
+    run.completions = {0: Completion(0, [5] * 6, [0.025, 0.04, 0.05, 0.09, 0.11, 0.12]),
+                       1: Completion(1, [5] * 3, [0.10, 0.11, 0.12])}
+    costs = costs_from_run(run, reqs)
+    quiet = [0.015, 0.01, 0.02, 0.01] + [0.01, 0.01]  # request 0 at batch 1, 1, 2, 2; request 1 at batch 2, 2
+    assert (costs.decode_base_s, costs.decode_per_seq_s) == pytest.approx(
+        fit_line(list(zip([1, 1, 2, 2, 2, 2], quiet)), __import__("statistics").fmean, rising=True))
+    busy = 0.04 / (costs.decode_base_s + costs.decode_per_seq_s)  # 0.05 -> 0.09 at batch 1, during the prefill
+    assert costs.decode_slowdown_while_prefill == pytest.approx(busy - 1)
+    assert (costs.prefill_base_s, costs.prefill_per_token_s) == pytest.approx((0.0, 0.0002))
+    assert costs.transfer_s(100) == pytest.approx(0.005) and costs.transfer_s(200) == pytest.approx(0.01)
+    run.completions = {0: Completion(0, [5], [0.025])}
+    with pytest.raises(ValueError, match="at least two tokens"):
+        costs_from_run(run, reqs)
+
+
+def test_fit_line_weights_each_size_by_its_points():
+    from servelab.disagg.costs import fit_line
+
+    many = [(1, 1.0)] * 99 + [(2, 5.0)] + [(3, 3.0)] * 99  # a size seen once barely moves the line
+    base, slope = fit_line(many)
+    assert base + slope * 1 == pytest.approx(1.0, abs=0.05) and base + slope * 3 == pytest.approx(3.0, abs=0.05)
+    falling = [(1, 8.0), (1, 8.0), (4, 2.0)]  # noise: a step of 4 sequences cheaper than one of 1
+    assert fit_line(falling)[1] < 0 and fit_line(falling, rising=True) == (pytest.approx(6.0), 0.0)
