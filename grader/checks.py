@@ -116,6 +116,13 @@ def looks_like_noise(timing, threshold: float) -> bool:
     return timing.speedup >= NOISE_BAND * threshold or max(timing.ratios) >= threshold
 
 
+def timing_metrics(timing, threshold: float | None) -> dict:
+    """What a report keeps of a paired timing, passed or failed: the ratio, every pair, both sides' times."""
+    return {"speedup": round(timing.speedup, 3), "threshold": threshold, "ratios": [round(r, 3) for r in timing.ratios],
+            "baseline_s": [round(t, 4) for t in timing.baseline_s],
+            "candidate_s": [round(t, 4) for t in timing.candidate_s]}
+
+
 def speed_verdict(what: str, timing, threshold: float | None, device_class: str, deterministic: str,
                   deterministic_ok: bool, metrics: dict, hint: str = "") -> Outcome:
     """The verdict of a wall-clock criterion: median of alternating pairs, with every pair's ratio shown.
@@ -128,10 +135,7 @@ def speed_verdict(what: str, timing, threshold: float | None, device_class: str,
     """
     pairs = ", ".join(f"{r:.2f}" for r in timing.ratios)
     head = f"{what} {timing.speedup:.2f}x (median of {len(timing.ratios)} alternating pairs: {pairs})"
-    metrics = {**metrics, "speedup": round(timing.speedup, 3), "threshold": threshold,
-               "ratios": [round(r, 3) for r in timing.ratios],
-               "baseline_s": [round(t, 4) for t in timing.baseline_s],
-               "candidate_s": [round(t, 4) for t in timing.candidate_s]}
+    metrics = {**metrics, **timing_metrics(timing, threshold)}
     if threshold is not None and timing.speedup >= threshold:
         return Outcome(True, f"{head} reaches the {threshold}x threshold for {device_class}; {deterministic}", metrics)
     below = f"{head} is below the {threshold}x threshold for {device_class}"

@@ -37,21 +37,28 @@ def decode_tokens_per_s(device: str, new_tokens: int = 128, repeats: int = 5) ->
     import torch
 
     from servelab import load_model
-    from servelab.reference.warmup import greedy_decode
-    from servelab.timing import timer
 
     if device == "cpu":
         torch.set_num_threads(1)  # the tour's and the grader's setting for batch-1 decoding on CPU
     model = load_model(device=device)
     prompts = [[(7 * i + 3 * k) % model.config.vocab_size for k in range(32)] for i in range(repeats)]
+    rates = decode_rates(model, prompts, new_tokens)
+    return {"tokens_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
+            "new_tokens": new_tokens, "prompt_tokens": 32}
+
+
+def decode_rates(model, prompts: list[list[int]], new_tokens: int) -> list[float]:
+    """Tokens/s of lab 00's cached greedy decode of each prompt at batch 1, after a warm-up."""
+    from servelab.reference.warmup import greedy_decode
+    from servelab.timing import timer
+
     greedy_decode(model, prompts[0], 16)  # warm-up: allocator, kernels, caches
     rates = []
     for p in prompts:
         with timer(model.device) as t:
             out = greedy_decode(model, p, new_tokens)
         rates.append(len(out) / t.elapsed_s)
-    return {"tokens_per_s": round(statistics.median(rates), 1), "runs": [round(r, 1) for r in rates],
-            "new_tokens": new_tokens, "prompt_tokens": 32}
+    return rates
 
 
 def diagnostics(device: str) -> dict:
@@ -139,19 +146,11 @@ def roofline_decode(device: str, bandwidth: float, new_tokens: int = 64, repeats
     """Batch-1 eager decode of the benchmark preset (bench-1b on a GPU, bench-tiny on a CPU) against its
     roofline: weight bytes / ``bandwidth`` (the measured copy bandwidth)."""
     from servelab import load_model
-    from servelab.reference.warmup import greedy_decode
     from servelab.roofline import decode_roofline_tokens_per_s, weight_bytes
-    from servelab.timing import timer
 
     name = "bench-1b" if device == "cuda" else "bench-tiny"
     model = load_model(name, device=device)
-    prompt = [(13 * k) % model.config.vocab_size for k in range(32)]
-    greedy_decode(model, prompt, 8)  # warm-up
-    rates = []
-    for _ in range(repeats):
-        with timer(model.device) as t:
-            out = greedy_decode(model, prompt, new_tokens)
-        rates.append(len(out) / t.elapsed_s)
+    rates = decode_rates(model, [[(13 * k) % model.config.vocab_size for k in range(32)]] * repeats, new_tokens)
     rate, roof = statistics.median(rates), decode_roofline_tokens_per_s(weight_bytes(model), bandwidth)
     return {"model": name, "weight_bytes": weight_bytes(model), "tokens_per_s": round(rate, 1),
             "roofline_tokens_per_s": round(roof, 1), "fraction_of_roofline": round(rate / roof, 3),

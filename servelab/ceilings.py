@@ -11,12 +11,12 @@ Both run the same code on a CPU (smaller sizes, float32 matmul), so the path is 
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import torch
 
-from servelab.device import get_device, preferred_dtype, synchronize
+from servelab.device import get_device, preferred_dtype
+from servelab.timing import time_call
 
 
 @dataclass
@@ -35,14 +35,7 @@ class Ceilings:
 
 def _median_seconds(fn, device: torch.device, repeats: int) -> float:
     fn()  # warm-up: allocation, kernel selection
-    synchronize(device)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return statistics.median(time_call(fn, device) for _ in range(repeats))
 
 
 def copy_bandwidth(device: str | torch.device | None = None, megabytes: int | None = None, repeats: int = 10) -> float:

@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import statistics
 
-from grader.checks import compare_tokens, corpus_prompts, random_prompts, speed_verdict, token_list
+from grader.checks import compare_tokens, corpus_prompts, random_prompts, speed_verdict, timing_metrics, token_list
 from grader.probes import NegatedModel, OtherVocabModel
 from grader.spec import DRAFT, Blocked, Context, Fail, Lab, Learner, Outcome
 
@@ -630,7 +630,7 @@ def _speed(learner: Learner, ctx: Context, kind: str) -> Outcome:
                    "rounds spend time outside the two models' forwards that the formula does not count",
                    "time one round piece by piece: per-token .item() calls, copying token lists or caches, or "
                    "running the draft again over tokens it already saw (a forward from position 0) add up",
-                   {**metrics, "speedup": round(timing.speedup, 3), "ratios": [round(r, 3) for r in timing.ratios]})
+                   {**metrics, **timing_metrics(timing, ctx.threshold)})
     out = speed_verdict(f"{what}: plain cached greedy / speculative time", timing, ctx.threshold, ctx.device_class,
                         det, stats["tokens_per_verify"] >= 1.5, metrics,
                         "time the loop: a Python-heavy round adds cost the formula does not count")
