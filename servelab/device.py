@@ -161,6 +161,13 @@ def paged_backend(device: str | torch.device | None = None) -> str:
     return "triton" if on_cuda else "torch"
 
 
+def graph_backend(device: str | torch.device | None = None) -> str:
+    """How ``servelab.graphs`` replays a decode step: "cuda" (a recorded CUDA graph) on a CUDA device,
+    "eager" elsewhere (the same fixed-shape step, called again)."""
+    dev = get_device(device) if device is None else torch.device(device)
+    return "cuda" if dev.type == "cuda" else "eager"
+
+
 def dist_backend() -> str:
     """torch.distributed backend for the disaggregation lab: NCCL between GPUs, gloo on CPU."""
     return "nccl" if cuda_available() and torch.distributed.is_nccl_available() else "gloo"

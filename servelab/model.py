@@ -200,6 +200,12 @@ class CausalLM(nn.Module):
             check_token_ids(input_ids, self.config.vocab_size)
         cache = cache or NoCache()
         meta, input_ids = cache.plan(positions.cpu().long()).to(self.device, input_ids.long())  # one copy
+        return self.run(input_ids, meta, cache)
+
+    @torch.inference_mode()
+    def run(self, input_ids: torch.Tensor, meta: AttentionMetadata, cache: KVCache) -> torch.Tensor:
+        """The device half of ``forward``: ids and metadata already on the device, no host work at all,
+        so a CUDA graph can capture it (``servelab.graphs``). Returns fp32 logits [B, T, V]."""
         cos, sin = rope_tables(meta.positions, self.inv_freq, self.dtype)
         x = self.model.embed_tokens(input_ids)
         for layer in self.model.layers:

@@ -77,6 +77,27 @@ def section_generate(ctx: dict) -> dict:
     return out
 
 
+def section_roofline(ctx: dict) -> dict:
+    """Batch-1 decode of the target against its memory roofline (weight bytes / copy bandwidth measured here),
+    eager and with CUDA graphs (``servelab.graphs``), alternating over one kept cache each."""
+    from servelab.ceilings import copy_bandwidth
+    from servelab.graphs import with_cuda_graphs
+    from servelab.roofline import decode_loop_rates, decode_roofline_tokens_per_s, weight_bytes
+
+    target = ctx["target"]
+    bandwidth = copy_bandwidth(target.device)
+    prompt = ctx["tokenizer"](PROMPTS[0], add_special_tokens=False)["input_ids"]
+    rates = decode_loop_rates({"eager": target, "cuda_graphs": with_cuda_graphs(target)}, prompt, ctx["new_tokens"],
+                              repeats=2 if ctx["quick"] else 3)
+    roof = decode_roofline_tokens_per_s(weight_bytes(target), bandwidth)
+    med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    note = "" if max(med.values()) <= roof else " (above it: the weights sit in the CPU's caches, not in DRAM)"
+    return {"copy_bytes_per_s": bandwidth, "roofline_tokens_per_s": roof, "tokens_per_s": med, "runs": rates,
+            "headline": {"target decode vs its roofline (batch 1, weight bytes / copy bandwidth)":
+                         f"eager {med['eager']:.0f} ({med['eager'] / roof:.0%}), CUDA graphs {med['cuda_graphs']:.0f} "
+                         f"({med['cuda_graphs'] / roof:.0%}) of {roof:.0f} tokens/s{note}"}}
+
+
 def section_acceptance(ctx: dict) -> dict:
     trace = make_trace("tour-acceptance", ctx["acceptance_prompts"], fixed(32), fixed(ctx["new_tokens"]),
                        all_at_once(), seed=11, encode=ctx["tokenizer"])
@@ -210,6 +231,7 @@ def section_disaggregation(ctx: dict) -> dict:
 SECTIONS: list[tuple[str, Callable[[dict], dict]]] = [
     ("models", section_models),
     ("generation", section_generate),
+    ("roofline", section_roofline),
     ("draft_acceptance", section_acceptance),
     ("batching", section_batching),
     ("paging", section_paging),

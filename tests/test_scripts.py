@@ -25,9 +25,11 @@ def test_check_gpu_measures_decode_on_the_cpu(tmp_path):
     assert "decode, batch 1, shipped target:" in res.stdout and "bar 500" not in res.stdout  # no GPU bar on a CPU
     assert report["decode"]["tokens_per_s"] > 0 and report["ceilings"]["copy_bytes_per_s"] > 0
     roof = report["roofline"]
-    assert roof["model"] == "bench-tiny" and roof["fraction_of_roofline"] > 0 and roof["weight_bytes"] > 8e7
+    assert roof["model"] == "bench-tiny" and roof["weight_bytes"] > 8e7 and roof["graphs_speedup"] > 0
+    assert all(roof[k]["fraction_of_roofline"] > 0 and len(roof[k]["runs"]) == 3 for k in ("eager", "cuda_graphs"))
     table = (tmp_path / "r.md").read_text()
     assert table == report["table"] and table.startswith("| check (cpu) |") and "of the roofline" in table
+    assert "| decode, bench-tiny, batch 1, cuda graphs |" in table and "| CUDA graphs / eager |" in table
     assert res.stdout.rstrip().endswith("CHECKS PASSED" if graded == "passed" else "SOME CHECKS FAILED")
     lines = res.stdout.rstrip().splitlines()
     assert lines[-3] == table.rstrip().splitlines()[-1] and not lines[-2]  # the table comes last, then the verdict
@@ -58,6 +60,7 @@ def test_check_gpu_plans_the_gpu_steps(monkeypatch):
     assert "store_kv_matches" not in check_gpu.grading_plan("cpu")["02_paged_attention"]
     listed = dict(check_gpu.steps("cuda", argparse.Namespace(skip_grader=False, skip_tour=True, labs=["01_batching"])))
     assert "bar >= 500" in listed["decode"] and listed["roofline"].startswith("bench-1b")
+    assert "CUDA graphs" in listed["roofline"] and "bar with graphs >= 60%" in listed["roofline"]
     assert "vllm_side_by_side" in listed["grade 01_batching"] and "tour" not in listed
 
 

@@ -21,6 +21,9 @@ def test_tour_quick(tmp_path):
     results = json.loads(out.read_text())
     assert {"models", "generation", "draft_acceptance", "batching"} <= results.keys()
     assert results["generation"]["target"]["tokens"] > 0
+    roof = results["roofline"]  # eager and CUDA graphs (replayed eagerly on a CPU) against weight bytes / bandwidth
+    assert roof["roofline_tokens_per_s"] > 0 and all(len(r) == 2 and min(r) > 0 for r in roof["runs"].values())
+    assert "target decode vs its roofline" in res.stdout
     assert 0.0 <= results["draft_acceptance"]["alpha"] <= 1.0
     batching = results["batching"]
     assert batching["steps_ratio"] > 1.0
