@@ -178,3 +178,16 @@ def test_probe_refuses_an_unknown_device_instead_of_falling_back_to_cpu():
     with pytest.raises(UsageError, match="unknown device 'tpu'"):
         environment.probe("tpu")
     assert environment.probe("CPU").device == "cpu"
+
+
+def test_the_preset_speedup_runs_here_on_bench_tiny_and_is_blocked_without_a_bar(lab01):
+    """Lab 01's GPU criterion on a model of real shape: on a GPU bench-1b, here bench-tiny through the same code."""
+    import servelab.reference.batching as solution
+
+    learner = Learner(vars(solution))
+    crit = lab01.get("preset_speedup")
+    res = run_criterion(crit, learner, Context(lab01.id, quick=True, threshold=1.2))
+    assert res.status in ("passed", "failed") and "bench-tiny, skewed trace at 0.125 of its size (16 requests" in res.message, res.message
+    assert res.metrics["static_steps"] > res.metrics["continuous_steps"] > 0 and len(res.metrics["ratios"]) == 2
+    blocked = run_criterion(crit, learner, Context(lab01.id, device_class="unknown-gpu"))
+    assert blocked.status == "blocked" and "no bar for device class 'unknown-gpu'" in blocked.message

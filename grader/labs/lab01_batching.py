@@ -523,16 +523,14 @@ def continuous_step_ratio(learner: Learner, ctx: Context) -> Outcome:
                "is too early, the next step is right), and never hold a finished request in its slot")
 
 
-@LAB.criterion("continuous_speedup", "performance", 1, exercise="continuous_batching", timeout_s=240)
-def continuous_speedup(learner: Learner, ctx: Context) -> Outcome:
-    """Wall-clock throughput of your continuous batching over the reference static batching, skewed trace
-    at half size (64 requests), 8 slots: median of 3 alternating pairs."""
+def _paired_speedup(learner: Learner, ctx: Context, model, reqs, eos, what: str) -> Outcome:
+    """Wall-clock throughput of the learner's continuous batching over the reference static batching, 8 slots,
+    alternating pairs in one process; the step counts of the same runs are the deterministic figure."""
     from grader.probes import CountingClock, CountingModel
     from servelab.engine import WallClock
     from servelab.reference.batching import static_batching
     from servelab.timing import paired_benchmark
 
-    reqs, eos, model = _skewed(ctx, WALL_SCALE), ctx.tokenizer().eos_token_id, ctx.model()
     fn = learner.fn("continuous_batching")
     runs: dict[str, list] = {"static": [], "continuous": []}
 
@@ -550,15 +548,42 @@ def continuous_speedup(learner: Learner, ctx: Context) -> Outcome:
     if timing.speedup < (ctx.threshold or 0) * 0.75:  # a clear miss: look at how the engine calls the model
         probe = CountingModel(model)
         small = _requests(ctx, "speed-probe", 6, (4, 20), (4, 12))
+        small = [replace(r, prompt_ids=[t % model.config.vocab_size for t in r.prompt_ids]) for r in small]
         steps = fn(probe, small, 3, 512, None, CountingClock(DT)).steps
         if len(probe.calls) > 2 * max(1, steps):
             hint = (f"your engine made {len(probe.calls)} model calls in {steps} steps on a small trace: run one "
                     "batched decode forward for all running requests per step (plus one prefill for admissions)")
-    return speed_verdict(f"skewed trace at half size ({len(reqs)} requests, 8 slots): continuous / static throughput",
-                         timing, ctx.threshold, ctx.device_class, deterministic, step_ratio >= HALF_TRACE_STEP_BAR,
+    return speed_verdict(what, timing, ctx.threshold, ctx.device_class, deterministic, step_ratio >= HALF_TRACE_STEP_BAR,
                          {"static_steps": runs["static"][0].steps, "continuous_steps": runs["continuous"][0].steps,
                           "requests_differing_from_static": differ},
                          hint)
+
+
+@LAB.criterion("continuous_speedup", "performance", 1, exercise="continuous_batching", timeout_s=240)
+def continuous_speedup(learner: Learner, ctx: Context) -> Outcome:
+    """Wall-clock throughput of your continuous batching over the reference static batching, skewed trace
+    at half size (64 requests), 8 slots: median of 3 alternating pairs."""
+    reqs = _skewed(ctx, WALL_SCALE)
+    return _paired_speedup(learner, ctx, ctx.model(), reqs, ctx.tokenizer().eos_token_id,
+                           f"skewed trace at half size ({len(reqs)} requests, 8 slots): continuous / static throughput")
+
+
+@LAB.criterion("preset_speedup", "gpu", 2, exercise="continuous_batching", timeout_s=600)
+def preset_speedup(learner: Learner, ctx: Context) -> Outcome:
+    """On a GPU, a model of real shape: the same comparison with the bench-1b preset (1.1B, random weights, no
+    EOS: each request runs to its length), where a step costs what its weights and batch cost, not launches.
+    Off a GPU only a test runs it, with bench-tiny on a quarter of that trace."""
+    if ctx.threshold is None:
+        raise Blocked(f"no bar for device class {ctx.device_class!r}: measure one with scripts/check_gpu.py and add "
+                      "it to grader/thresholds.py")
+    gpu = ctx.device == "cuda"
+    name, scale = ("bench-1b", WALL_SCALE) if gpu else ("bench-tiny", WALL_SCALE / 4)
+    model = ctx.model(name)
+    vocab = model.config.vocab_size  # the trace's token ids, folded into the preset's vocabulary
+    reqs = [replace(r, prompt_ids=[t % vocab for t in r.prompt_ids]) for r in _skewed(ctx, scale)]
+    return _paired_speedup(learner, ctx, model, reqs, None,
+                           f"{name}, skewed trace at {scale:g} of its size ({len(reqs)} requests, 8 slots): continuous "
+                           "/ static throughput")
 
 
 @LAB.criterion("vllm_side_by_side", "gpu", 0, exercise="continuous_batching", timeout_s=600)
