@@ -143,7 +143,7 @@ def cmd_bench(args) -> int:
         if args.sweep:
             results = sweep(cfg, [_rate(r) for r in args.sweep.split(",")])
             table = Table(title=f"servelab bench sweep: {args.trace} against {args.base_url}")
-            for col in ("rate (req/s)", "completed", "req/s", "out tok/s", "median TTFT", "p99 TTFT",
+            for col in ("rate (req/s)", "done", "req/s", "out tok/s", "median TTFT", "p99 TTFT",
                         "median TPOT", "p99 TPOT"):
                 table.add_column(col, justify="right")
             for r in results:
