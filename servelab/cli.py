@@ -129,6 +129,8 @@ def _rate(text: str) -> float:
 
 
 def cmd_bench(args) -> int:
+    import httpx
+
     from servelab.bench.results import parse_goodput, plot_sweep
     from servelab.bench.run import BenchConfig, run, sweep
     from servelab.metrics import BenchmarkResult
@@ -158,8 +160,9 @@ def cmd_bench(args) -> int:
                 write_json(out, {"sweep": results})
             return 0 if all(r["completed"] for r in results) else 1
         result, summary = run(cfg)
-    except OSError as err:  # httpx.ConnectError and friends
-        raise UsageError(f"cannot reach {args.base_url} ({err}): is the server running?") from None
+    except (OSError, httpx.HTTPError) as err:  # before the first request: no server there, or not this API
+        raise UsageError(f"cannot use {args.base_url} ({type(err).__name__}: {err}): is an OpenAI-compatible "
+                         "server running there? (servelab serve, vllm serve, ...)") from None
     if summary is not None:
         console.print(BenchmarkResult.table(summary), markup=False, highlight=False)
     failed = [e for e in result["errors"] if e]

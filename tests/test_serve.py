@@ -242,3 +242,24 @@ def test_a_cancelled_stream_frees_its_slot_and_ctrl_c_ends_streams_cleanly():
             assert lines[-1] == "data: [DONE]" and "shutting down" in lines[-2], lines[-2:]
         assert 4 < len(lines) < 1000 and time.perf_counter() - t0 < 10
         assert s.proc.wait(20) == 0
+
+
+def test_bench_sweep_by_duration_writes_a_plot_and_every_rate(server, tmp_path, capsys):
+    plot, out = tmp_path / "sweep.png", tmp_path / "sweep.json"
+    code = cli.main(["bench", "--base-url", server.url, "--trace", "bursty", "--scale", "0.25", "--duration", "1",
+                     "--sweep", "8,16", "--plot", str(plot), "--goodput", "ttft:2000", "--no-progress",
+                     "--json", str(out)])
+    assert code == 0, capsys.readouterr()
+    runs = json.loads(out.read_text())["sweep"]
+    assert [r["request_rate"] for r in runs] == [8.0, 16.0] and plot.stat().st_size > 10_000
+    for r in runs:  # about rate x 1 s of gamma arrivals each, all completed, goodput counted
+        assert 1 <= r["completed"] == r["num_prompts"] <= 3 * r["request_rate"] and r["request_goodput"] > 0
+        assert r["burstiness"] == 0.5
+
+
+def test_bench_says_when_no_server_answers(capsys):
+    from serve_helpers import free_port
+
+    code = cli.main(["bench", "--base-url", f"http://127.0.0.1:{free_port()}", "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 1 and "is an OpenAI-compatible server running there?" in err
