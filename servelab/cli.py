@@ -110,7 +110,8 @@ def cmd_serve(args) -> int:
     from servelab.serve.server import ServeConfig, serve
 
     cfg = ServeConfig(model=args.model, engine=args.engine, max_running=args.max_running,
-                      max_step_tokens=args.max_step_tokens, max_len=args.max_len, host=args.host, port=args.port,
+                      max_step_tokens=args.max_step_tokens, max_len=args.max_len, num_blocks=args.num_blocks,
+                      block_size=args.block_size, gamma=args.gamma, host=args.host, port=args.port,
                       device=args.device, served_model_name=args.served_model_name,
                       shutdown_timeout_s=args.shutdown_timeout, log_level=args.log_level)
     try:
@@ -178,6 +179,8 @@ def cmd_bench(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from servelab.serve.registry import engines_help
+
     parser = argparse.ArgumentParser(prog="servelab", description="Learn LLM serving systems by building them.")
     sub = parser.add_subparsers(dest="command", required=True)
     device_help = "auto | cpu | cuda (default: $SERVELAB_DEVICE, else auto)"
@@ -196,11 +199,14 @@ def main(argv: list[str] | None = None) -> int:
     tour.set_defaults(func=cmd_tour)
     serve = sub.add_parser("serve", help="serve a model with a servelab engine behind an OpenAI-compatible API")
     serve.add_argument("--model", help="'target' (shipped), a local HF dir, or a preset ($SERVELAB_MODEL)")
-    serve.add_argument("--engine", default="continuous",
-                       help="continuous (lab 01's reference), or path/to/notebook.ipynb[:ClassName] (your own)")
+    serve.add_argument("--engine", default="continuous", help=engines_help())
     serve.add_argument("--max-running", type=int, default=16, help="requests in the running batch (1: no batching)")
     serve.add_argument("--max-step-tokens", type=int, default=512, help="tokens one engine step may compute")
     serve.add_argument("--max-len", type=int, default=1024, help="tokens per KV-cache slot (prompt + max_tokens)")
+    serve.add_argument("--num-blocks", type=int, help="--engine paged: KV blocks (default: the KV memory of "
+                       "--max-running x --max-len tokens)")
+    serve.add_argument("--block-size", type=int, help="--engine paged: tokens per KV block (default 8, lab 02's)")
+    serve.add_argument("--gamma", type=int, help="--engine speculative: tokens drafted per round (default 4)")
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--device", default=None, help=device_help)

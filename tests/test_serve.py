@@ -20,7 +20,8 @@ from servelab.engine import StepClock
 from servelab.loader import load_model, load_tokenizer
 from servelab.reference.batching import continuous_batching
 from servelab.reference.warmup import greedy_decode
-from servelab.serve.engines import ContinuousBatchingEngine, EngineRequest, make_engine
+from servelab.serve.engines import ContinuousBatchingEngine, EngineRequest
+from servelab.serve.registry import make_engine
 from servelab.serve.protocol import ApiError, parse_completion
 from servelab.workloads import standard_trace
 
@@ -137,9 +138,9 @@ def test_a_notebook_step_engine_is_served_by_path(model, make_notebook, trace):
     assert type(make_engine(str(nb), model, eos_id=EOS)).__name__ == "MyEngine"  # the only step engine it defines
     with pytest.raises(ValueError, match="defines no Missing"):
         make_engine(f"{nb}:Missing", model)
-    with pytest.raises(ValueError, match="no step-wise .* version yet.*continuous"):
-        make_engine("paged", model)
-    with pytest.raises(ValueError, match="unknown --engine"):
+    with pytest.raises(ValueError, match="--gamma does not apply to --engine continuous.*speculative"):
+        make_engine("continuous", model, {"gamma": 2})
+    with pytest.raises(ValueError, match="unknown --engine 'fastest': use one of continuous, paged, speculative"):
         make_engine("fastest", model)
 
 

@@ -86,7 +86,9 @@ def build_app(loop: EngineLoop, info: ServerInfo) -> FastAPI:
         engine = loop.engine
         return {"servelab": True, "engine": info.engine_name, "model": info.model_name, **info.settings,
                 "running": getattr(engine, "num_running", None), "waiting": getattr(engine, "num_waiting", None),
-                "steps": loop.steps, "max_running_seen": loop.max_running_seen, **loop.stats.snapshot()}
+                "steps": loop.steps, "max_running_seen": loop.max_running_seen,
+                "engine_stats": engine.stats() if callable(getattr(engine, "stats", None)) else None,
+                **loop.stats.snapshot()}
 
     @app.post("/metrics/reset")
     async def metrics_reset():
@@ -113,7 +115,7 @@ def build_app(loop: EngineLoop, info: ServerInfo) -> FastAPI:
         stream = loop.submit(engine_request)
         cid = f"cmpl-{uuid.uuid4().hex}"
         if params.stream:
-            return StreamingResponse(_sse(loop, stream, params, info, cid, created), media_type="text/event-stream")
+            return _EngineStream(loop, stream, _sse(stream, params, info, cid, created))
         return await _whole(loop, stream, params, info, cid, created, request)
 
     return app
@@ -131,36 +133,53 @@ def _usage(params: CompletionParams, n: int) -> dict:
             "total_tokens": len(params.prompt_ids) + n}
 
 
-async def _sse(loop: EngineLoop, stream: Stream, params: CompletionParams, info: ServerInfo, cid: str,
+class _EngineStream(StreamingResponse):
+    """A stream that aborts its request unless it ran to the end, however the response ended.
+
+    Not in the generator's ``finally``: Starlette (ASGI spec 2.3, uvicorn's) cancels the response when the
+    client disconnects, and if that happens while the headers are being sent (uvicorn's ``send`` waits when
+    the socket's write buffer is full) the generator was never started, so its ``finally`` never runs and
+    the request would decode on to max_tokens. This ``finally`` runs however the response ends."""
+
+    def __init__(self, loop: EngineLoop, stream: Stream, content: AsyncIterator[str]):
+        super().__init__(content, media_type="text/event-stream")
+        self.loop, self.stream = loop, stream
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            if not self.stream.done:
+                self.loop.abort(self.stream.request.id)
+
+
+async def _sse(stream: Stream, params: CompletionParams, info: ServerInfo, cid: str,
                created: int) -> AsyncIterator[str]:
-    """One chunk per token (``data: {...}``), a usage chunk if asked, then ``data: [DONE]``."""
-    detok, n, done = Detokenizer(info.decode), 0, False
+    """One chunk per token (``data: {...}``), a usage chunk if asked, then ``data: [DONE]``. A client that
+    goes away is aborted by ``_EngineStream``."""
+    detok, n = Detokenizer(info.decode), 0
     head = {"id": cid, "object": "text_completion", "created": created, "model": info.model_name}
-    try:
-        while True:
-            item = await stream.events.get()
-            if isinstance(item, EngineError):
-                done = True
-                err = {"message": item.message, "type": "server_error", "param": None, "code": 500}
-                yield f"data: {json.dumps({'error': err})}\n\n"
-                break
-            item: TokenEvent
-            n += 1
-            text = detok.add(item.token)
-            finish = item.finish_reason or None
-            if finish:
-                text += detok.flush()
-            ids = [item.token] if params.return_token_ids else None
-            yield f"data: {json.dumps({**head, 'choices': [_choice(text, finish, ids)]})}\n\n"
-            if finish:
-                done = True
-                if params.include_usage:
-                    yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(params, n)})}\n\n"
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        if not done:  # the client went away mid-stream (the generator was closed or cancelled): free its slot
-            loop.abort(stream.request.id)
+    while True:
+        item = await stream.events.get()
+        if isinstance(item, EngineError):
+            stream.done = True
+            err = {"message": item.message, "type": "server_error", "param": None, "code": 500}
+            yield f"data: {json.dumps({'error': err})}\n\n"
+            break
+        item: TokenEvent
+        n += 1
+        text = detok.add(item.token)
+        finish = item.finish_reason or None
+        if finish:
+            text += detok.flush()
+        ids = [item.token] if params.return_token_ids else None
+        yield f"data: {json.dumps({**head, 'choices': [_choice(text, finish, ids)]})}\n\n"
+        if finish:
+            stream.done = True
+            if params.include_usage:
+                yield f"data: {json.dumps({**head, 'choices': [], 'usage': _usage(params, n)})}\n\n"
+            break
+    yield "data: [DONE]\n\n"
 
 
 async def _whole(loop: EngineLoop, stream: Stream, params: CompletionParams, info: ServerInfo, cid: str,

@@ -28,6 +28,7 @@ class Stream:
     loop: asyncio.AbstractEventLoop
     arrival_s: float  # server clock (time.perf_counter) when the handler submitted it
     token_times_s: list[float] = field(default_factory=list)
+    done: bool = False  # its handler saw it end (last token or an error): nothing to abort
 
 
 @dataclass

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from servelab.serve.app import ServerInfo, build_app
-from servelab.serve.engines import make_engine
+from servelab.serve.registry import make_engine
 from servelab.serve.loop import EngineLoop
 
 
@@ -24,6 +24,9 @@ class ServeConfig:
     max_running: int = 16
     max_step_tokens: int = 512
     max_len: int = 1024  # tokens per KV-cache slot: prompt + max_tokens must fit
+    num_blocks: int | None = None  # --engine paged: KV blocks (None: max_running x max_len tokens' worth)
+    block_size: int | None = None  # --engine paged: tokens per block (None: lab 02's 8)
+    gamma: int | None = None  # --engine speculative: tokens drafted per round (None: 4)
     host: str = "127.0.0.1"
     port: int = 8000
     device: str | None = None
@@ -48,15 +51,17 @@ def build(cfg: ServeConfig):
     if isinstance(eos_id, list):
         eos_id = eos_id[0]
     max_len = min(cfg.max_len, model.config.max_position)
-    engine = make_engine(cfg.engine, model, max_running=cfg.max_running, max_step_tokens=cfg.max_step_tokens,
-                         eos_id=eos_id, max_len=max_len)
+    options = {"num_blocks": cfg.num_blocks, "block_size": cfg.block_size, "gamma": cfg.gamma}
+    engine = make_engine(cfg.engine, model, options, max_running=cfg.max_running,
+                         max_step_tokens=cfg.max_step_tokens, eos_id=eos_id, max_len=max_len)
+    max_len = getattr(engine, "max_len", max_len)  # an engine may serve less (the speculative draft's context)
     backend = getattr(tokenizer, "backend_tokenizer", None)  # the Rust tokenizer: no Python overhead per call
     info = ServerInfo(
         model_name=cfg.served_model_name or model.name,
         engine_name=cfg.engine if ".ipynb" in cfg.engine else getattr(engine, "name", cfg.engine),
         encode=(lambda s: tokenizer.encode(s)) if tokenizer is not None else None,
         decode=(backend.decode if backend is not None else tokenizer.decode) if tokenizer is not None else None,
-        settings={"max_running": cfg.max_running, "max_step_tokens": cfg.max_step_tokens, "max_len": max_len,
+        settings={"max_running": getattr(engine, "max_running", cfg.max_running), "max_step_tokens": cfg.max_step_tokens, "max_len": max_len,
                   "eos_id": eos_id, "device": str(model.device)})
     loop = EngineLoop(engine)
     return build_app(loop, info), loop, info
@@ -84,5 +89,5 @@ def serve(cfg: ServeConfig, announce=print) -> None:
                             timeout_graceful_shutdown=cfg.shutdown_timeout_s + 5, access_log=False)
     server = _Server(config, loop, cfg.shutdown_timeout_s)
     announce(f"servelab serve: {info.model_name} with the {info.engine_name} engine "
-             f"(max_running={cfg.max_running}, max_len={info.settings['max_len']}) on http://{cfg.host}:{cfg.port}")
+             f"(max_running={info.settings['max_running']}, max_len={info.settings['max_len']}) on http://{cfg.host}:{cfg.port}")
     server.run()
