@@ -145,9 +145,25 @@ def test_two_ranks_each_set_their_threads():
     assert [r.value for r in out] == [1, 1] and [r.name for r in out] == ["rank0", "rank1"]
 
 
+def test_three_ranks_each_get_a_link_to_both_others():
+    def rank(ctx):
+        for peer, link in ctx.links.items():
+            link.isend(torch.tensor([ctx.rank, peer]))  # a send completes only once its peer receives
+        got = {}
+        for peer, link in ctx.links.items():
+            buf = torch.empty(2, dtype=torch.long)
+            link.recv_into(buf)
+            got[peer] = buf.tolist()
+        return ctx.link, got
+
+    out = run_ranks([rank] * 3, timeout_s=60)
+    assert all(r.ok for r in out), [r.error for r in out]
+    assert [r.value for r in out] == [(None, {p: [p, r] for p in range(3) if p != r}) for r in range(3)]
+
+
 def test_bad_calls_are_refused_in_the_parent():
-    with pytest.raises(ValueError, match="1 or 2 ranks"):
-        run_ranks([lambda ctx: 0] * 3)
+    with pytest.raises(ValueError, match="1 to 3 ranks"):
+        run_ranks([lambda ctx: 0] * 4)
     with pytest.raises(ValueError, match="names"):
         run_ranks([lambda ctx: 0], names=["a", "b"])
 

@@ -408,3 +408,8 @@ def multi_gpu_nccl(learner: Learner, ctx: Context) -> Outcome:
 from grader.labs.disagg_compress import add_criteria  # noqa: E402
 
 add_criteria(LAB)
+
+# the KV-layout-across-tensor-parallelism stretch (its own module, graded separately)
+from grader.labs.disagg_tp import add_criteria as add_tp_criteria  # noqa: E402
+
+add_tp_criteria(LAB)

@@ -20,7 +20,7 @@ import time
 import traceback
 import warnings
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 from multiprocessing import get_context
 from multiprocessing.connection import Connection, wait
@@ -35,6 +35,7 @@ from servelab import device
 from servelab.device import DeviceError
 from servelab.disagg.link import Link
 
+MAX_RANKS = 3  # 2 workers, or a tensor-parallel pair and its peer (lab 04's stretch)
 GRACE_S = 3.0  # how long a rank may outlive a failed peer before it is killed
 EXIT_S = 3.0  # how long a rank that has reported its result may take to exit
 _QUIET = (Path(torch.__file__).parent, Path(__file__).parent)  # frames to skip when pointing at the error
@@ -47,6 +48,7 @@ class RankContext:
     device: torch.device  # this rank's device (servelab.device.rank_devices)
     link: Link | None  # to the other rank when world_size == 2, else None
     deadline: float  # time.monotonic() by which the whole run must end
+    links: dict[int, Link] = field(default_factory=dict)  # peer rank -> Link, to every other rank
 
 
 @dataclass
@@ -63,13 +65,14 @@ class RankResult:
 
 def run_ranks(fns: Sequence[Callable[[RankContext], Any]], names: Sequence[str] | None = None,
               timeout_s: float = 120, threads_per_rank: int = 1, last: int | None = None) -> list[RankResult]:
-    """Run ``fns[r](ctx)`` in rank r's own forked process (1 or 2 ranks) and return one RankResult per
-    rank. With two ranks each gets a Link to the other. Values must be picklable; tensors come back on the
-    CPU. Never raises for a rank's failure: that is in its RankResult. ``last``: the rank that ends the run
-    (the decode worker): once it has ended, the others get GRACE_S to end too, like after a failure."""
+    """Run ``fns[r](ctx)`` in rank r's own forked process (1 to MAX_RANKS ranks) and return one RankResult
+    per rank. Each rank gets a Link to every other (``ctx.links``; with two ranks also ``ctx.link``). Values
+    must be picklable; tensors come back on the CPU. Never raises for a rank's failure: that is in its
+    RankResult. ``last``: the rank that ends the run (the decode worker): once it has ended, the others get
+    GRACE_S to end too, like after a failure."""
     world_size = len(fns)
-    if world_size not in (1, 2):
-        raise ValueError(f"run_ranks runs 1 or 2 ranks, got {world_size} functions")
+    if not 1 <= world_size <= MAX_RANKS:
+        raise ValueError(f"run_ranks runs 1 to {MAX_RANKS} ranks, got {world_size} functions")
     names = [f"rank{r}" for r in range(world_size)] if names is None else list(names)
     if len(names) != world_size:
         raise ValueError(f"{len(names)} names for {world_size} ranks")
@@ -125,20 +128,21 @@ def _rank_main(rank: int, world_size: int, fn: Callable[[RankContext], Any], sto
         torch.set_num_threads(threads)
         devices = device.rank_devices(world_size)
         dev = devices[rank]
-        link = None
+        link, links = None, {}
         if dev.type == "cuda":
             torch.cuda.set_device(dev)
-        if world_size == 2:
+        if world_size > 1:
             # both ranks are on this machine: loopback always works, even in a namespace with no network
             os.environ["GLOO_SOCKET_IFNAME"] = os.environ["NCCL_SOCKET_IFNAME"] = _loopback()
             dist.init_process_group(device.ranks_backend(devices), init_method=f"file://{store}", rank=rank,
-                                    world_size=2, timeout=timedelta(seconds=max(deadline - start, 1.0)))
-            link = Link(peer=1 - rank, device=dev)
-        out = fn(RankContext(rank, world_size, dev, link, deadline))
+                                    world_size=world_size, timeout=timedelta(seconds=max(deadline - start, 1.0)))
+            links = {peer: Link(peer=peer, device=dev) for peer in range(world_size) if peer != rank}
+            link = links[1 - rank] if world_size == 2 else None
+        out = fn(RankContext(rank, world_size, dev, link, deadline, links))
         value = _dumps(out)  # before flush: a value that cannot be pickled is this rank's error
         ok = True
-        if link is not None:
-            link.flush()  # what the rank sent must reach the peer before the process group goes
+        for peer_link in links.values():
+            peer_link.flush()  # what the rank sent must reach the peer before the process group goes
     except BaseException as err:  # SystemExit and KeyboardInterrupt too: the parent reports them
         ok, error, tb = False, _explain(err), traceback.format_exc()
         if value is not None:  # the function returned; only the flush failed. The value is kept.
