@@ -209,6 +209,8 @@ def tp_handover(learner: Learner, ctx: Context) -> Outcome:
     for direction in ("2->1", "1->2"):
         try:
             got = learner.fn("kv_handover_tp")(model, prompts, max_new, direction, block_size=4, timeout_s=120)
+        except NotImplementedError:
+            raise  # a subclass of RuntimeError: an exercise not written yet, reported as such
         except RuntimeError as err:
             raise Fail(f"{direction}: {err}") from None
         if not isinstance(got, dict) or not {"tokens", "blocks", "bytes_sent"} <= set(got):
