@@ -41,8 +41,10 @@ def test_tour_quick(tmp_path):
     spec = results["speculative"]  # lab 03: tokens per target forward is a count; the speedup is shown as measured
     assert spec["tokens_per_target_forward"] > 2.0 and len(spec["ratios"]) == tour.SPEC_PAIRS, spec
     assert "lab 03: speculative decoding" in res.stdout
-    disagg = results["disaggregation"]  # lab 04: one run each; the split's p99 TPOT is many times lower (15-50x)
-    assert disagg["disaggregated"]["p99_tpot_ms"] < disagg["colocated"]["p99_tpot_ms"], disagg
+    # lab 04: one run each. The split's mean TPOT is 3-5x lower; its p99 (the headline, usually 7-20x lower) is one
+    # request's, which a single stall of the shared 2-core VM can lift past the colocated one
+    disagg = results["disaggregation"]
+    assert disagg["disaggregated"]["mean_tpot_ms"] < disagg["colocated"]["mean_tpot_ms"], disagg
     assert "lab 04: prefill/decode split" in res.stdout
 
 

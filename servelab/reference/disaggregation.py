@@ -255,7 +255,7 @@ def decode_worker(link: Link, model, eos_id, clock, max_running: int, num_blocks
 
     def fail(rid: int, why: str) -> None:
         nonlocal closed
-        del arriving[rid]
+        arriving.pop(rid, None)
         blocks.free(rid)
         done[rid] = Completion(rid, finish_reason="error", error=f"request {rid}: {why}")
         closed = True
@@ -279,9 +279,12 @@ def decode_worker(link: Link, model, eos_id, clock, max_running: int, num_blocks
                 if not blocks.can_allocate(need):
                     break  # keep the header: take it once a sequence retires
                 table = blocks.allocate(rid, need)
-                arrived = recv_kv(link, cache, table[:blocks_for(header["num_tokens"], block_size)])
-                tail = torch.empty(2, dtype=torch.long)
-                arriving[rid] = (header, arrived, tail, link.irecv_into(tail), time.monotonic())
+                try:  # posting a receive fails at once when the prefill worker is already gone
+                    arrived = recv_kv(link, cache, table[:blocks_for(header["num_tokens"], block_size)])
+                    tail = torch.empty(2, dtype=torch.long)
+                    arriving[rid] = (header, arrived, tail, link.irecv_into(tail), time.monotonic())
+                except TransferTimeout as err:
+                    fail(rid, str(err))
                 header = None
         for rid, (h, arrived, tail, tail_handle, since) in list(arriving.items()):
             try:
