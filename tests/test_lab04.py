@@ -35,8 +35,9 @@ CLASSIC = [
        "recv_kv(link, cache, table)")],
      "disagg_identical", "request"),
     ("decode worker: a timed-out transfer is not caught",
-     [("            except TransferTimeout as err:", "            except KeyError as err:")],
-     "disagg_robust", "request 0"),
+     [("                tail_handle.wait()\n            except TransferTimeout as err:",
+       "                tail_handle.wait()\n            except KeyError as err:")],
+     "disagg_robust", "the decode worker failed"),
 ]
 
 

@@ -264,6 +264,10 @@ def disagg_robust(learner: Learner, ctx: Context) -> Outcome:
                       overlap=True, timeout_s=40, link_timeout_s=3, fault=fault)
         took = time.monotonic() - t0
         ok = reqs[:2]
+        if run.rank_errors.get("decode"):  # the decode worker itself died: say so, not "returned 0 tokens"
+            raise Fail(f"fault {fault}: the decode worker failed: {run.rank_errors['decode']}",
+                       "a receive can fail as it is posted, not only as it is waited on, when the prefill worker "
+                       "is already gone (PeerLost is a TransferTimeout): catch it there too and fail that request")
         _check_outputs(ctx, run, ok, None, "decode_worker", f"fault {fault}")
         for r in reqs[2:]:
             c = run.completions.get(r.id)
