@@ -85,13 +85,17 @@ def test_a_cohort_of_real_labs_grades_end_to_end(tmp_path):
         rows = {r["learner"]: r for r in csv.DictReader(f)}
     assert sorted(rows) == sorted(["honest", "untouched", *cases]), rows.keys()  # every learner a row
 
+    reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")}
     honest = rows["honest"]
     assert (honest["00_warmup points"], honest["00_warmup max"]) == ("10", "10"), honest
-    assert honest["01_batching points"] == honest["01_batching max"], honest  # full marks (gpu: blocked, unscored)
+    # full marks (gpu: blocked, unscored), but for a wall-clock ratio the grader judged noise on a busy machine
+    lab01 = next(r for r in reports["honest"]["reports"] if r["lab"] == "01_batching")["criteria"]
+    noisy = [c for c in lab01 if c["kind"] == "performance" and c["status"] == "failed" and c["metrics"].get("noise")]
+    lost = int(honest["01_batching max"]) - int(honest["01_batching points"])
+    assert lost == sum(c["max_points"] for c in noisy), (honest, [c for c in lab01 if c["status"] != "passed"])
     assert honest["01_batching/vllm_side_by_side"] == "blocked"
     assert rows["untouched"]["00_warmup points"] == "0" and rows["untouched"]["01_batching points"] == "0"
 
-    reports = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "reports").glob("*.json")}
     isolated = reports["writer"]["reports"][0]["environment"]["sandbox"]["filesystem"].startswith("isolated")
     if not isolated:  # without a mount namespace (macOS, some containers) the write lands: say so, check the rest
         del cases["writer"]
