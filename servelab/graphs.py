@@ -139,7 +139,7 @@ class GraphedDecoder:
                              f"{int(positions.min())}..{top}")
         # padding rows write at the last position of slots no real row uses: written before it is ever read
         used = set(slots)
-        spare = [s for s in range(self.cache.num_slots) if s not in used][: b - rows]
+        spare = [s for s in range(self.cache.num_slots) if s not in used][: b - rows] if b > rows else []
         host = torch.tensor([input_ids[:, 0].tolist() + [0] * (b - rows),
                              positions[:, 0].tolist() + [self.cache.max_len - 1] * (b - rows),
                              list(slots) + spare], dtype=torch.long)

@@ -4,6 +4,7 @@ Each lab adds one section (a function returning a dict of results) to ``SECTIONS
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections.abc import Callable
 
@@ -90,7 +91,7 @@ def section_roofline(ctx: dict) -> dict:
     rates = decode_loop_rates({"eager": target, "cuda_graphs": with_cuda_graphs(target)}, prompt, ctx["new_tokens"],
                               repeats=2 if ctx["quick"] else 3)
     roof = decode_roofline_tokens_per_s(weight_bytes(target), bandwidth)
-    med = {k: sorted(v)[len(v) // 2] for k, v in rates.items()}
+    med = {k: statistics.median(v) for k, v in rates.items()}
     note = "" if max(med.values()) <= roof else " (above it: the weights sit in the CPU's caches, not in DRAM)"
     return {"copy_bytes_per_s": bandwidth, "roofline_tokens_per_s": roof, "tokens_per_s": med, "runs": rates,
             "headline": {"target decode vs its roofline (batch 1, weight bytes / copy bandwidth)":
