@@ -292,7 +292,7 @@ class Handles:
         engine, model = sys.modules.get("servelab.engine"), sys.modules.get("servelab.model")
         torch = sys.modules.get("torch")
         if model is not None and isinstance(x, model.CausalLM):
-            return {"$model": model_name(x), **model_dtype(x)}
+            return {"$model": model_name(x), **model_dtype(x), "device": _model_key(x)[2]}
         if isinstance(x, RecordingModel):
             return {"$probe": self._add(x), "model": self.model(x.model), "record": True, "logits": bool(x.logits)}
         if isinstance(x, CountingModel):

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from grader import cache, discovery, integrity, labs, notebook, remote, report
+from grader import sandbox as sandbox_mod
 from grader.environment import Hardware, blocked_reason, probe
 from grader.spec import GRADER_DIR, Context, Criterion, Lab, Result, Stopped, gate_failure, quick_mode, run_criterion
 from grader.sandbox import MEMORY_SIGNS, Limits, human
@@ -201,6 +202,9 @@ def run_worker(
             "isolate": limits.isolate,
         },
     }
+    if hw.device == "cuda" and limits.isolate:  # only the namespaces this machine's CUDA survives
+        mode, why = sandbox_mod.cuda_isolation()
+        spec["limits"].update(isolate=mode, why_not_isolated=why if mode else sandbox_mod.not_isolated_on_cuda(why))
     # the worker runs in its own folder: make every import path absolute first
     paths = [str(GRADER_DIR.parent)] + [
         os.path.abspath(p) for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p

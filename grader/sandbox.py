@@ -22,6 +22,7 @@ Worker side (``grader.worker``): ``isolate``, called first thing, while the work
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -202,13 +203,68 @@ def isolate(work: Path, limits: dict, hide: list[str] | tuple[str, ...] = ()) ->
     """Enter the worker's sandbox (call while the process has one thread: ``unshare`` needs that) and
     return what holds: ``{"network": ..., "filesystem": ...}``, each 'isolated: ...' or 'not isolated: why'.
     ``hide``: files and folders (this lab's answers) that the worker sees empty."""
-    if limits.get("isolate", True):
-        state = _namespaces(str(work.resolve()), hide)
+    mode = limits.get("isolate", True)  # True: every namespace; "gpu": the ones CUDA survives; False: none
+    if mode:
+        state = _namespaces(str(work.resolve()), hide, gpu_safe=mode == "gpu", why=limits.get("why_not_isolated"))
     else:
-        off = f"not isolated: turned off (${ISOLATE_ENV}=0)"
+        off = limits.get("why_not_isolated") or f"not isolated: turned off (${ISOLATE_ENV}=0)"
         state = {"network": off, "filesystem": off, "processes": off}
     set_rlimits(limits.get("memory"), limits.get("cpu"), limits.get("file"))
     return state
+
+
+# what a worker on a GPU must be able to do: start CUDA, run a kernel, and find Triton's GPU driver
+CUDA_CHECK = (
+    "import torch\n"
+    "torch.ones(8, device='cuda').add_(1).sum().item()\n"
+    "try:\n    from triton.runtime import driver\nexcept ImportError:\n    driver = None\n"
+    "if driver is not None:\n    driver.active.get_current_device()\n"
+)
+
+
+def cuda_refused_in_sandbox(check: str = CUDA_CHECK, gpu_safe: bool = False, timeout_s: float = 180) -> str | None:
+    """None if ``check`` (by default: CUDA and Triton's GPU driver work) runs inside the worker's namespaces on
+    this machine, else why not, in one line. ``gpu_safe``: the namespaces of ``isolate(mode="gpu")``. Runs in
+    a throwaway process that enters them as a worker does."""
+    import subprocess
+    import tempfile
+
+    code = ("import pathlib\nfrom grader.sandbox import _namespaces\n"
+            f"_namespaces(str(pathlib.Path.cwd()), gpu_safe={gpu_safe})\n" + check)
+    root = str(Path(__file__).resolve().parents[1])
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    with tempfile.TemporaryDirectory(prefix="servelab-cuda-probe-") as work:
+        try:
+            proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            return f"a CUDA probe in the namespaces ran past {timeout_s:.0f} s"
+    if proc.returncode == 0:
+        return None
+    lines = [ln.strip() for ln in (proc.stderr or proc.stdout).splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else f"a CUDA probe in the namespaces exited with {proc.returncode}"
+
+
+@functools.cache
+def cuda_isolation() -> tuple[bool | str, str | None]:
+    """(the isolate mode for workers on this machine's GPU, why it is not the full one). Some GPU stacks refuse
+    CUDA in some namespaces: one H200 under gVisor answered CUDA error 304 ("OS call failed or operation not
+    supported on this OS") after a read-only remount or in a new PID namespace, and Triton found no driver,
+    while user, network and mount namespaces were fine. So: every namespace where CUDA works in them; else
+    those it survives ("gpu": network isolated, answers hidden, files writable, no PID namespace); else none.
+    Asked once per grading process."""
+    why = cuda_refused_in_sandbox()
+    if why is None:
+        return True, None
+    if cuda_refused_in_sandbox(gpu_safe=True) is None:
+        return "gpu", why
+    return False, why
+
+
+def not_isolated_on_cuda(why: str) -> str:
+    return (f"not isolated: CUDA does not start inside the grader's namespaces on this machine ({why}); the "
+            "worker runs without them, under the same rlimits; imports of the lab's answers are still refused, "
+            "but their files are not hidden")
 
 
 def set_rlimits(memory: int | None, cpu: int | None, file_bytes: int | None) -> None:
@@ -232,7 +288,10 @@ def set_rlimits(memory: int | None, cpu: int | None, file_bytes: int | None) -> 
         lower(resource.RLIMIT_FSIZE, file_bytes)
 
 
-def _namespaces(work: str, hide: list[str] | tuple[str, ...] = ()) -> dict[str, str]:
+def _namespaces(work: str, hide: list[str] | tuple[str, ...] = (), gpu_safe: bool = False,
+                why: str | None = None) -> dict[str, str]:
+    """Enter the namespaces. ``gpu_safe``: no PID namespace and no read-only remount, which break CUDA on some
+    machines (``cuda_isolation``; ``why``: what the full sandbox got there)."""
     if not sys.platform.startswith("linux"):
         why = f"not isolated: {sys.platform} has no namespaces the grader can enter unprivileged"
         return {"network": why, "filesystem": why, "processes": why}
@@ -242,9 +301,10 @@ def _namespaces(work: str, hide: list[str] | tuple[str, ...] = ()) -> dict[str, 
     libc.mount.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
     base = CLONE_NEWUSER | CLONE_NEWNET | CLONE_NEWNS
     processes = "isolated: its own PID namespace (the grader and other processes cannot be signalled)"
-    if libc.unshare(base | CLONE_NEWPID) != 0:  # some containers allow the others but not this one
-        processes = f"not isolated: no PID namespace (unshare: {os.strerror(ctypes.get_errno())})"
-        if libc.unshare(base) != 0:
+    if gpu_safe or libc.unshare(base | CLONE_NEWPID) != 0:  # some containers allow the others but not this one
+        processes = (f"not isolated: no PID namespace, which CUDA does not survive on this machine ({why})"
+                     if gpu_safe else f"not isolated: no PID namespace (unshare: {os.strerror(ctypes.get_errno())})")
+        if libc.unshare(base) != 0:  # without a mount namespace of its own, nothing below may run
             err = ctypes.get_errno()
             why = (
                 f"not isolated: this kernel refused a user namespace (unshare: {os.strerror(err)}); e.g. "
@@ -268,27 +328,37 @@ def _namespaces(work: str, hide: list[str] | tuple[str, ...] = ()) -> dict[str, 
         mount(work, MS_BIND | MS_REC, source=work)  # its own mount: stays writable
         os.chdir(work)  # the cwd still pointed into the mount below, which becomes read-only
         hidden = _hide(hide, mount, work)
-        failed = []
-        for target, options in _mounts():
-            if target == work or any(target == w or target.startswith(w + "/") for w in WRITABLE_MOUNTS):
-                continue
-            flags = MS_BIND | MS_REMOUNT | MS_RDONLY
-            flags |= sum(MOUNT_FLAGS.get(o, 0) for o in set(options.split(",")))  # keep what is locked
-            try:
-                mount(target, flags)
-            except OSError as err:
-                if target == "/":
-                    raise
-                failed.append(f"{target} ({err.strerror})")
-        state["filesystem"] = "isolated: read-only except the worker's folder and /dev/shm"
-        if hidden:
-            state["filesystem"] += f"; {hidden} of this lab's answer and grading files hidden"
-        if failed:
-            state["filesystem"] += "; still writable: " + ", ".join(failed)
+        if gpu_safe:
+            state["filesystem"] = (f"not isolated: writable, since CUDA does not survive a read-only remount on this "
+                                   f"machine ({why}); {hidden} of this lab's answer and grading files hidden")
+        else:
+            state["filesystem"] = _read_only(mount, work, hidden)
     except OSError as err:
         state["filesystem"] = f"not isolated: could not remount {err.filename} read-only ({err.strerror})"
     if not _drop_capabilities(libc):
         state["filesystem"] = "not isolated: could not drop the namespace's capabilities (capset refused)"
+    return state
+
+
+def _read_only(mount, work: str, hidden: int) -> str:
+    """Remount everything read-only but the worker's folder and /dev/shm; what holds, as the report says it."""
+    failed = []
+    for target, options in _mounts():
+        if target == work or any(target == w or target.startswith(w + "/") for w in WRITABLE_MOUNTS):
+            continue
+        flags = MS_BIND | MS_REMOUNT | MS_RDONLY
+        flags |= sum(MOUNT_FLAGS.get(o, 0) for o in set(options.split(",")))  # keep what is locked
+        try:
+            mount(target, flags)
+        except OSError as err:
+            if target == "/":
+                raise
+            failed.append(f"{target} ({err.strerror})")
+    state = "isolated: read-only except the worker's folder and /dev/shm"
+    if hidden:
+        state += f"; {hidden} of this lab's answer and grading files hidden"
+    if failed:
+        state += "; still writable: " + ", ".join(failed)
     return state
 
 

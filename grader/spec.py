@@ -155,15 +155,18 @@ class Context:
     def rng(self, salt: str = "") -> random.Random:
         return random.Random(f"{self.seed}:{salt}")
 
-    def model(self, name: str | None = None, dtype=None):
+    def model(self, name: str | None = None, dtype=None, device: str | None = None):
         """The model ``name`` on this context's device, loaded once per process: None is the lab's target
         (``$SERVELAB_MODEL``, else the shipped target); "draft" the draft of speculative decoding
         (``$SERVELAB_DRAFT_MODEL``, else the shipped draft); else a shipped name, a folder or a hub id.
-        ``dtype`` (a torch dtype; default float32) is part of the name a worker loads it under."""
+        ``dtype`` (a torch dtype; default float32) is part of the name a worker loads it under. ``device``:
+        "cpu" for a model handed to code that forks GPU processes (lab 04's ranks load it on their GPU), which
+        must not initialise CUDA itself."""
+        device = device or self.device
         if dtype is None:
-            return _cached(("model", name, self.device), lambda: _load_model(name, self.device))
+            return _cached(("model", name, device), lambda: _load_model(name, device))
         dtype_name = str(dtype).removeprefix("torch.")
-        return _cached(("model", name, self.device, dtype_name), lambda: _load_model(name, self.device, dtype))
+        return _cached(("model", name, device, dtype_name), lambda: _load_model(name, device, dtype))
 
     def tokenizer(self, name: str | None = None):
         return _cached(("tok", name), lambda: _load_tokenizer(name))

@@ -73,7 +73,7 @@ SOURCES: dict[str, str] = {
     "cpu": "measured with the solution notebooks on a 2-core Intel Xeon cloud VM, 1 torch thread, 2026-11-29/30; "
            "each line of grader/thresholds.py names its run",
     "h200": "measured on one H200, 2026-11-30 (torch 2.11.0+cu130, after the per-step metadata rework; "
-            "scripts/check_gpu.py): labs 00 and 01. Lab 02's bars are counts (the same on every device) except "
+            "scripts/check_gpu.py): labs 00 and 01; a second run graded lab 00 4/4 (0.96x, bar 0.8x). Lab 02's bars are counts (the same on every device) except "
             "paged_throughput, the CPU bar, not yet measured on a GPU. Lab 03's tokens per forward is a count; its "
             "wall-clock ratios and lab 04's are not measured (blocked)",
     "h100": "not measured: the H200's bars, carried over because the shipped 5.4M model is bound by the host "

@@ -135,7 +135,10 @@ class Server:
         dtype = d.get("dtype")
         if dtype is not None and not isinstance(getattr(torch, str(dtype), None), torch.dtype):
             raise ValueError(f"unknown dtype {dtype!r}")
-        return Context("", self.device).model(d["$model"], getattr(torch, dtype) if dtype else None)
+        device = d.get("device", self.device)  # the harness's: its own, or "cpu" for code that forks GPU ranks
+        if device not in ("cpu", self.device):
+            raise ValueError(f"a model on {device!r} in a worker on {self.device!r}")
+        return Context("", self.device).model(d["$model"], getattr(torch, dtype) if dtype else None, device)
 
     def probe(self, d: dict, made: dict, decode: Decoder):
         from grader.probes import CountingModel, RecordingModel

@@ -21,15 +21,20 @@ import torch
 def verify_cost(model, batch: int, context: int = 64, tokens: int = 5, repeats: int = 30) -> float:
     """Median seconds of a cached forward of ``tokens`` new tokens per row over ``context`` cached ones,
     relative to a 1-token forward, at ``batch`` rows."""
+    from servelab.device import synchronize
+
+    dev = model.device
     view = model.new_cache(batch, context + tokens + 1).rows(list(range(batch)))
-    ids = torch.randint(0, model.config.vocab_size, (batch, context))
-    model(ids, torch.arange(context).expand(batch, context), view)
+    ids = torch.randint(0, model.config.vocab_size, (batch, context), device=dev)
+    model(ids, torch.arange(context, device=dev).expand(batch, context), view)
 
     def one(t: int) -> float:
-        x = torch.randint(0, model.config.vocab_size, (batch, t))
-        pos = torch.arange(context, context + t).expand(batch, t)
+        x = torch.randint(0, model.config.vocab_size, (batch, t), device=dev)
+        pos = torch.arange(context, context + t, device=dev).expand(batch, t)
+        synchronize(dev)
         t0 = time.perf_counter()
         model(x, pos, view)
+        synchronize(dev)  # on a GPU the forward only queued its kernels
         return time.perf_counter() - t0
 
     singles, multis = [], []

@@ -82,6 +82,7 @@ def section_roofline(ctx: dict) -> dict:
     """Batch-1 decode of the target against its memory roofline (weight bytes / copy bandwidth measured here),
     eager and with CUDA graphs (``servelab.graphs``), alternating over one kept cache each."""
     from servelab.ceilings import copy_bandwidth
+    from servelab.device import graph_backend
     from servelab.graphs import with_cuda_graphs
     from servelab.roofline import decode_loop_rates, decode_roofline_tokens_per_s, weight_bytes
 
@@ -93,6 +94,8 @@ def section_roofline(ctx: dict) -> dict:
     roof = decode_roofline_tokens_per_s(weight_bytes(target), bandwidth)
     med = {k: statistics.median(v) for k, v in rates.items()}
     note = "" if max(med.values()) <= roof else " (above it: the weights sit in the CPU's caches, not in DRAM)"
+    if target.device.type == "cuda" and graph_backend(target.device) != "cuda":
+        note += " (graphs not recorded: $SERVELAB_CUDA_GRAPHS=1 records them, see servelab.device.graph_backend)"
     return {"copy_bytes_per_s": bandwidth, "roofline_tokens_per_s": roof, "tokens_per_s": med, "runs": rates,
             "headline": {"target decode vs its roofline (batch 1, weight bytes / copy bandwidth)":
                          f"eager {med['eager']:.0f} ({med['eager'] / roof:.0%}), CUDA graphs {med['cuda_graphs']:.0f} "

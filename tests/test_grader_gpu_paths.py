@@ -191,3 +191,36 @@ def test_the_preset_speedup_runs_here_on_bench_tiny_and_is_blocked_without_a_bar
     assert res.metrics["static_steps"] > res.metrics["continuous_steps"] > 0 and len(res.metrics["ratios"]) == 2
     blocked = run_criterion(crit, learner, Context(lab01.id, device_class="unknown-gpu"))
     assert blocked.status == "blocked" and "no bar for device class 'unknown-gpu'" in blocked.message
+
+
+def test_a_model_for_forking_code_stays_on_the_cpu_on_a_gpu_machine(monkeypatch):
+    """Lab 04's criteria hand the workers' launcher a CPU model (``Context.model(device="cpu")``): the handle
+    names that device, and a worker on CUDA loads it on the CPU, so it never initialises CUDA before it forks
+    the GPU ranks. A handle naming a device the worker is not on is refused."""
+    from grader.remote import Handles
+    from grader.worker import Server
+
+    ctx = Context("04_disaggregation", "cuda", "h200", True, 0, None)  # no GPU is touched: the model is on the CPU
+    model = ctx.model(device="cpu")
+    handle = Handles(None)(model)
+    assert handle == {"$model": None, "device": "cpu"} and str(model.device) == "cpu"
+    loaded = Server({}, "cuda").model(handle)
+    assert str(loaded.device) == "cpu" and loaded is model  # the worker's own cache, keyed by device
+    with pytest.raises(ValueError, match="a model on 'cuda' in a worker on 'cpu'"):
+        Server({}, "cpu").model({"$model": None, "device": "cuda"})
+
+
+def test_synchronize_never_initialises_cuda(monkeypatch):
+    """A process that never used CUDA has nothing queued: synchronize must not initialise CUDA there (lab 04's
+    workers fork GPU ranks after the grader's worker has synchronised). CUDA faked."""
+    from servelab import device
+
+    synced = []
+    monkeypatch.setattr(device, "get_device", lambda d=None: torch.device("cuda"))
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: synced.append(d))
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    device.synchronize("cuda")
+    assert synced == []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    device.synchronize("cuda")
+    assert synced == [torch.device("cuda")]

@@ -407,3 +407,55 @@ def test_report_says_what_the_sandbox_holds(make_notebook):
     assert set(box) == {"memory", "cpu", "output", "files", "network", "filesystem", "processes"}
     assert box["memory"].startswith("6 GiB") and json.dumps(box)
     assert all(box[k].startswith(("isolated", "not isolated")) for k in ("network", "filesystem", "processes"))
+
+
+# ------------------------------------------------------------------------------- a GPU that refuses namespaces
+def test_cuda_probe_says_why_the_namespaces_refuse_cuda():
+    """The probe enters the namespaces as a worker does, then runs its check: here a stand-in for what one H200
+    under gVisor answered, and one that works."""
+    from grader.sandbox import cuda_refused_in_sandbox
+
+    why = cuda_refused_in_sandbox("raise RuntimeError('CUDA error 304: OS call failed or operation not supported')")
+    assert why == "RuntimeError: CUDA error 304: OS call failed or operation not supported"
+    assert cuda_refused_in_sandbox("import os\nassert os.getcwd()") is None
+    assert cuda_refused_in_sandbox("import os\nassert os.getcwd()", gpu_safe=True) is None
+
+
+def test_cuda_isolation_takes_the_strongest_sandbox_cuda_survives(monkeypatch):
+    """Every namespace where CUDA works in them; else the GPU-safe ones; else none (the probe faked)."""
+    from grader import sandbox
+
+    for full, safe, want in ((None, None, (True, None)), ("error 304", None, ("gpu", "error 304")),
+                             ("error 304", "error 304 again", (False, "error 304"))):
+        monkeypatch.setattr(sandbox, "cuda_refused_in_sandbox", lambda gpu_safe=False, f=full, g=safe: g if gpu_safe else f)
+        sandbox.cuda_isolation.cache_clear()
+        assert sandbox.cuda_isolation() == want
+    sandbox.cuda_isolation.cache_clear()
+
+
+@pytest.mark.parametrize("mode", ["gpu", False])
+def test_a_gpu_that_refuses_namespaces_grades_in_what_it_allows_and_says_so(make_notebook, monkeypatch, mode):
+    """On CUDA, where the probe says CUDA fails in the full sandbox, workers run in the namespaces it survives
+    (network isolated, answers hidden, files writable, no PID namespace), or in none; every criterion is still
+    graded and the report says why. Where CUDA works in them, nothing changes. The probe is faked here."""
+    from grader import sandbox
+    from grader.environment import Hardware
+
+    path = make_notebook([(GOOD_MEAN, ["graded"]), (GOOD_SPIN, ["graded"])])
+    gpu = Hardware("cuda", "h200", "NVIDIA H200 (faked)", 1, "compiled")
+    monkeypatch.setattr(sandbox, "cuda_isolation", lambda: (mode, "CUDA error 304 (faked)"))
+    rep = grade_notebook(path, Options(device="cuda", only=BOTH), gpu)
+    assert statuses(rep) == {"mean_values": "passed", "spin_stops": "passed"}
+    box = rep["environment"]["sandbox"]
+    assert all("CUDA error 304 (faked)" in box[k] for k in ("filesystem", "processes")), box
+    if mode == "gpu" and not_isolated(grade(path), "network") is None:  # where this kernel allows namespaces
+        assert box["network"].startswith("isolated") and "hidden" in box["filesystem"]
+        assert box["filesystem"].startswith("not isolated: writable") and box["processes"].startswith("not isolated")
+    elif mode is False:
+        assert all(box[k].startswith("not isolated: CUDA does not start") for k in ("network", "filesystem"))
+    # what a worker mounted stays in its own namespace: the grader still sees this lab's answers
+    assert ".hidden" not in Path("/proc/self/mountinfo").read_text() and labs.all_labs()
+    assert (Path(labs.__file__).parent / "lab00_warmup.py").stat().st_size > 0
+    monkeypatch.setattr(sandbox, "cuda_isolation", lambda: (True, None))
+    box = grade_notebook(path, Options(device="cuda", only=BOTH), gpu)["environment"]["sandbox"]
+    assert "CUDA" not in box["network"] + box["filesystem"]

@@ -117,11 +117,24 @@ def test_the_cuda_branch_warms_up_records_into_one_pool_and_replays(model, monke
     assert set(decoder.graphs) == {1, 2} and decoder.replays == 3
 
 
+def test_recording_is_opt_in_on_cuda(monkeypatch):
+    """graph_backend: a recorded graph only on CUDA with $SERVELAB_CUDA_GRAPHS=1 (until a GPU run clears the
+    replays, see its docstring); the eager fixed-shape step everywhere else."""
+    from servelab.device import CUDA_GRAPHS_ENV, graph_backend
+
+    monkeypatch.delenv(CUDA_GRAPHS_ENV, raising=False)
+    assert graph_backend("cuda") == "eager" and graph_backend("cpu") == "eager"
+    monkeypatch.setenv(CUDA_GRAPHS_ENV, "1")
+    assert graph_backend("cuda") == "cuda" and graph_backend("cpu") == "eager"
+
+
 @pytest.mark.gpu
-def test_recorded_graphs_give_the_same_tokens_on_a_gpu():
-    """On CUDA: real recordings of buckets 1 and 2; the tokens of lab 00's decode and lab 01's engine are unchanged."""
+def test_recorded_graphs_give_the_same_tokens_on_a_gpu(monkeypatch):
+    """On CUDA: real recordings of buckets 1 and 2; the tokens of lab 00's decode and lab 01's engine are unchanged.
+    Failed on the first H200 run (2026-11-30): token 40 differed, logits up to 0.6 off from the 2nd replay."""
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU")
+    monkeypatch.setenv("SERVELAB_CUDA_GRAPHS", "1")
     gpu = load_model(device="cuda")
     graphed = with_cuda_graphs(gpu)
     prompt = list(range(3, 40))

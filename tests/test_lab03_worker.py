@@ -170,7 +170,7 @@ def test_wrappers_cross_as_handles_and_refuse_unknown_models():
     ctx = Context(LAB.id)
     draft = ctx.model(DRAFT)
     handles = Handles(FakeWorker())
-    assert handles(NegatedModel(draft)) == {"$wrap": "negated", "model": {"$model": DRAFT}}
+    assert handles(NegatedModel(draft)) == {"$wrap": "negated", "model": {"$model": DRAFT, "device": "cpu"}}
     assert handles(OtherVocabModel(draft, 7))["extra"] == 7
     assert handles(CountingModel(NegatedModel(draft)))["model"]["$wrap"] == "negated"
     with pytest.raises(CodecError):

@@ -55,9 +55,11 @@ def test_check_gpu_plans_the_gpu_steps(monkeypatch):
     check_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check_gpu)
     plan = check_gpu.grading_plan("cuda")
-    assert plan["02_paged_attention"][:4] == check_gpu.LAB02_KERNELS and "split_kv_bandwidth" in plan["02_paged_attention"]
+    assert plan["02_paged_attention"][:4] == check_gpu.GPU_CORRECTNESS["02_paged_attention"] and "split_kv_bandwidth" in plan["02_paged_attention"]
     assert "gpu_hf_pair" in plan["03_speculative"] and "multi_gpu_nccl" in plan["04_disaggregation"]
     assert "store_kv_matches" not in check_gpu.grading_plan("cpu")["02_paged_attention"]
+    assert plan["04_disaggregation"][0] == "disagg_identical"  # two workers sharing one card
+    assert list(check_gpu.grading_plan("cuda", ["03_speculative", "01_batching"])) == ["03_speculative", "01_batching"]
     listed = dict(check_gpu.steps("cuda", argparse.Namespace(skip_grader=False, skip_tour=True, labs=["01_batching"])))
     assert "bar >= 500" in listed["decode"] and listed["roofline"].startswith("bench-1b")
     assert "CUDA graphs" in listed["roofline"] and "bar with graphs >= 60%" in listed["roofline"]

@@ -201,7 +201,7 @@ def tp_handover(learner: Learner, ctx: Context) -> Outcome:
     hidden prompts of 1 token, a few and many blocks, the tokens equal plain single-rank greedy decoding, and
     the KV the decode side received equals the single-rank prefill's (bit for bit for 1->2; to float rounding
     for 2->1, where the TP prefill adds its partial sums in another order)."""
-    model = ctx.model()
+    model = ctx.model(device="cpu")  # the ranks load it on their device; this process never touches CUDA
     max_new = 6 if ctx.quick else 10
     cases = _comfortable(ctx, model, max_new)
     prompts = [p for _, p, _ in cases]

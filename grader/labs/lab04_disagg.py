@@ -187,6 +187,12 @@ def kv_transfer_bitwise(learner: Learner, ctx: Context) -> Outcome:
 
 
 # ----------------------------------------------------------------------------- part 3: the workers
+def host_model(ctx: Context):
+    """The target for code that forks the two workers: on the CPU, so that the process forking them never
+    initialises CUDA (it could not fork GPU processes after that); each worker loads it on its own device."""
+    return ctx.model(device="cpu")
+
+
 def _disagg(learner: Learner, *args, **kw):
     from servelab.engine import DisaggRun
 
@@ -218,11 +224,11 @@ def disagg_identical(learner: Learner, ctx: Context) -> Outcome:
     reqs[1] = replace(reqs[1], prompt_ids=reqs[1].prompt_ids[:1])
     bad = Request(len(reqs), [], 4, reqs[-1].arrival_s)
     eos = _eos_case(ctx, reqs)
-    cfg, n = ctx.model().config, 0
+    cfg, n = host_model(ctx).config, 0
     per_block = 2 * cfg.num_layers * 4 * cfg.num_kv_heads * cfg.head_dim * 4  # K and V, float32, blocks of 4
     for overlap, eos_id in ((True, None), (False, eos)):
         case = f"overlap={overlap}, eos_id={eos_id}"
-        run = _disagg(learner, ctx.model(), reqs + [bad], eos_id, max_running=4, num_blocks=128,
+        run = _disagg(learner, host_model(ctx), reqs + [bad], eos_id, max_running=4, num_blocks=128,
                       block_size=4, overlap=overlap, timeout_s=120, link_timeout_s=20)
         _rank_errors(run, case)
         n += _check_outputs(ctx, run, reqs, eos_id, "decode_worker", case)
@@ -260,7 +266,7 @@ def disagg_robust(learner: Learner, ctx: Context) -> Outcome:
     reqs = _requests(ctx, "robust", 5, (2, 30), (4, 12), rate=10.0)
     for fault in ("prefill_dies:2", "transfer_stalls:2"):
         t0 = time.monotonic()
-        run = _disagg(learner, ctx.model(), reqs, None, max_running=4, num_blocks=128, block_size=4,
+        run = _disagg(learner, host_model(ctx), reqs, None, max_running=4, num_blocks=128, block_size=4,
                       overlap=True, timeout_s=40, link_timeout_s=3, fault=fault)
         took = time.monotonic() - t0
         ok = reqs[:2]
@@ -355,7 +361,7 @@ def disagg_tpot(learner: Learner, ctx: Context) -> Outcome:
     from servelab.timing import PairedResult
 
     reqs = mixed_requests(ctx)
-    model, eos = ctx.model(), None
+    model, eos = host_model(ctx), None
     engine = {"max_running": 16, "num_blocks": 1024, "block_size": 16}
     colo, disagg = [], []
     for i in range(3):
@@ -399,7 +405,7 @@ def multi_gpu_nccl(learner: Learner, ctx: Context) -> Outcome:
     if ctx.device != "cuda" or torch.cuda.device_count() < 2:
         raise Blocked("needs two CUDA GPUs (NCCL between them)")
     reqs = _requests(ctx, "nccl", 8, (2, 200), (4, 32), rate=20.0)
-    run = _disagg(learner, ctx.model(), reqs, None, max_running=8, num_blocks=512, block_size=16,
+    run = _disagg(learner, host_model(ctx), reqs, None, max_running=8, num_blocks=512, block_size=16,
                   overlap=True, timeout_s=180)
     _rank_errors(run, "two GPUs")
     n = _check_outputs(ctx, run, reqs, None, "decode_worker", "two GPUs")
