@@ -105,6 +105,55 @@ def diagnostics(device: str) -> dict:
     return out
 
 
+def graphs_vs_eager(device: str, new_tokens: int = 48) -> dict:
+    """Lab 00's cached decode of the shipped target, eager and through ``with_cuda_graphs`` (recorded on a GPU,
+    whatever $SERVELAB_CUDA_GRAPHS says), each step's logits against a no-cache forward of the same tokens:
+    which path leaves the reference, at which step, and by how much (the first H200 run saw graphed and eager
+    logits part by up to 0.6 from the 2nd replay without telling which was wrong)."""
+    import os
+
+    import torch
+
+    from servelab import load_model
+    from servelab.device import CUDA_GRAPHS_ENV
+    from servelab.graphs import with_cuda_graphs
+    from servelab.reference.warmup import greedy_decode
+
+    class Logged:  # the model, keeping each call's last-position logits
+        def __init__(self, model):
+            self.model, self.logits = model, []
+
+        def __call__(self, ids, positions=None, cache=None):
+            out = self.model(ids, positions, cache)
+            self.logits.append(out[0, -1].float().cpu())
+            return out
+
+        def __getattr__(self, name):
+            return getattr(self.model, name)
+
+    before = os.environ.get(CUDA_GRAPHS_ENV)
+    os.environ[CUDA_GRAPHS_ENV] = "1"
+    try:
+        model = load_model(device=device)
+        prompt = list(range(3, 40))
+        out = {}
+        for name, m in (("eager", model), ("cuda_graphs", with_cuda_graphs(model))):
+            logged = Logged(m)
+            tokens = greedy_decode(logged, prompt, new_tokens)
+            ref = [model(torch.tensor([prompt + tokens[:i]]))[0, -1].float().cpu() for i in range(len(tokens))]
+            diffs = [float((a - b).abs().max()) for a, b in zip(logged.logits, ref)]
+            worst = max(range(len(diffs)), key=diffs.__getitem__)
+            out[name] = {"max_abs_logit_diff": round(max(diffs), 6), "at_step": worst,
+                         "first_step_over_1e-3": next((i for i, d in enumerate(diffs) if d > 1e-3), None),
+                         "tokens_equal_reference": [int(r.argmax()) for r in ref] == tokens}
+        return out
+    finally:
+        if before is None:
+            os.environ.pop(CUDA_GRAPHS_ENV, None)
+        else:
+            os.environ[CUDA_GRAPHS_ENV] = before
+
+
 # on a GPU, the correctness criteria whose code paths only a GPU takes, graded before the speed ones: lab 02's
 # compiled kernels at real sizes and the engine on them; lab 04's two workers sharing one card
 GPU_CORRECTNESS = {
@@ -238,6 +287,13 @@ def measure_decode(device: str, args, results: dict, rows: list, save) -> bool:
     if args.diagnostics:
         results["diagnostics"] = diagnostics(device)
         print(f"diagnostics: {results['diagnostics']}", flush=True)
+        results["graphs_vs_eager"] = g = graphs_vs_eager(device)
+        print(f"graphs vs eager, each against a no-cache forward: {g}", flush=True)
+        for k, v in g.items():
+            rows.append((f"{k} decode vs no-cache forward (shipped target)", f"max logit diff {v['max_abs_logit_diff']:.1e} "
+                         f"at step {v['at_step']}; tokens equal: {v['tokens_equal_reference']}",
+                         "PASS" if v["tokens_equal_reference"] and v["max_abs_logit_diff"] < 1e-2 else "FAIL"))
+            ok &= v["tokens_equal_reference"] and v["max_abs_logit_diff"] < 1e-2
         save()
     return ok
 

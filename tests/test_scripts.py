@@ -102,3 +102,17 @@ def test_quickstart_on_a_cpu_machine_installs_the_cpu_torch(tmp_path):
     assert res.returncode == 0, res.stdout + res.stderr
     assert "cpu mode" in res.stdout and "-m venv .venv" in res.stdout and "--system-site-packages" not in res.stdout
     assert "install torch==2.13.0" in res.stdout and "would run: .venv/bin/servelab tour" in res.stdout
+
+
+def test_graphs_vs_eager_check_runs_here():
+    """check_gpu's correctness probe of the graphed path (its first real use is on a GPU): on this CPU both paths
+    stay on the no-cache forward's tokens, within float rounding."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_gpu", ROOT / "scripts" / "check_gpu.py")
+    check_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check_gpu)
+    got = check_gpu.graphs_vs_eager("cpu", new_tokens=12)
+    assert set(got) == {"eager", "cuda_graphs"}
+    for v in got.values():
+        assert v["tokens_equal_reference"] and v["max_abs_logit_diff"] < 1e-3, got
