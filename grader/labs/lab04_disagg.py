@@ -289,14 +289,15 @@ SIM_HINTS = {
     "first": "a request's first token comes out when its decode worker admits it: at the first step boundary (or "
              "at once, when idle) after its prefill ended plus transfer_s(prompt_len)",
     "later": "each later token comes at the end of a decode step that costs decode_step_s(number running, whether a "
-             "prefill worker is busy at the step's start)",
+             "prefill worker is busy at the step's start, the longest prompt_len + tokens so far among the running)",
 }
 
 
 @LAB.criterion("simulate_matches", "correctness", 3, exercise="simulate", timeout_s=60)
 def simulate_matches(learner: Learner, ctx: Context) -> Outcome:
     """Hidden traces and costs, for 1P1D, 2P1D, 1P3D and 3P2D, some with few lanes (requests queue on the decode
-    side): every token time equal to the contract's (within 1e-9 s)."""
+    side), a decode step's cost growing with its batch and its longest context: every token time equal to the
+    contract's (within 1e-9 s)."""
     from servelab.disagg.costs import Costs
     from servelab.reference.disaggregation import simulate as reference_simulate  # here, never in the worker
     from servelab.workloads import Request
@@ -309,7 +310,8 @@ def simulate_matches(learner: Learner, ctx: Context) -> Outcome:
             reqs.append(Request(i, [1] * rng.randint(1, 700), rng.randint(1, 40), round(t, 4)))
             t += rng.expovariate(20.0)
         costs = Costs(rng.uniform(0, 0.01), rng.uniform(1e-5, 3e-4), rng.uniform(1e-3, 1e-2), rng.uniform(1e-4, 2e-3),
-                      rng.uniform(0, 2e-3), rng.uniform(0, 1e-5), rng.choice((0.0, rng.uniform(0.1, 1.0))))
+                      rng.uniform(0, 2e-3), rng.uniform(0, 1e-5), rng.choice((0.0, rng.uniform(0.1, 1.0))),
+                      rng.uniform(1e-6, 5e-6))
         what = f"{p}P{d}D, max_running {lanes}, {len(reqs)} requests, {costs}"
         want = reference_simulate(reqs, costs, p, d, lanes)
         got = learner.fn("simulate")(reqs, costs, p, d, lanes)
