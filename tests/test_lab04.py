@@ -158,9 +158,26 @@ SIM_BUGS = [
      "simulate_matches", "decode step"),
 ]
 
+# the model checked against a real run: clearly wrong models miss it in every one of the criterion's runs
+VALIDATE_BUGS = [
+    ("simulator: a decode step priced without the KV it reads",
+     [("any(a <= t < b for a, b in busy), longest)", "any(a <= t < b for a, b in busy))")],
+     "simulate_validates", "not within 20%"),
+    ("simulator: a decode step priced as one request's, whatever the batch",
+     [("t += costs.decode_step_s(len(left), any(a <= t < b for a, b in busy), longest)",
+       "t += costs.decode_step_s(1, any(a <= t < b for a, b in busy))")],
+     "simulate_validates", "not within 20%"),
+]
+
 
 @pytest.mark.parametrize("name,edits,criterion,words", SIM_BUGS, ids=[c[0] for c in SIM_BUGS])
 def test_simulator_bug_fails(name, edits, criterion, words):
+    assert_fails(lab04.LAB, solution, name, edits, criterion, words, seed=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,edits,criterion,words", VALIDATE_BUGS, ids=[c[0] for c in VALIDATE_BUGS])
+def test_wrong_simulator_misses_the_real_run(name, edits, criterion, words):
     assert_fails(lab04.LAB, solution, name, edits, criterion, words, seed=5)
 
 
