@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from planted import assert_fails
+from planted import assert_fails, planted
 
 import servelab.reference.disaggregation as solution
 from grader.labs import lab04_disagg as lab04
@@ -178,7 +178,13 @@ def test_simulator_bug_fails(name, edits, criterion, words):
 @pytest.mark.slow
 @pytest.mark.parametrize("name,edits,criterion,words", VALIDATE_BUGS, ids=[c[0] for c in VALIDATE_BUGS])
 def test_wrong_simulator_misses_the_real_run(name, edits, criterion, words):
-    assert_fails(lab04.LAB, solution, name, edits, criterion, words, seed=5)
+    from grader.spec import Context, run_criterion
+    from grader.thresholds import threshold
+
+    ctx = Context(lab04.LAB.id, quick=True, seed=5, threshold=threshold("cpu", lab04.LAB.id, criterion))
+    res = run_criterion(lab04.LAB.get(criterion), planted(solution, *edits), ctx)
+    assert res.status == "failed" and words in res.message, f"{name}: {res.status}: {res.message}"
+    assert "every simulated TPOT is too low" in res.message and not res.metrics.get("noise")
 
 
 def test_costs_fit_medians_per_size():

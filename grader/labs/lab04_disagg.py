@@ -332,8 +332,7 @@ def simulate_matches(learner: Learner, ctx: Context) -> Outcome:
 
 
 VALIDATE_RATE = 8.0  # requests/s: the prefill worker is busy (requests queue for it) but keeps up, mostly
-VALIDATE_TOLERANCE = 0.20
-VALIDATE_TRIES = 3
+VALIDATE_TRIES = 4  # the first run that agrees counts: a busy minute on a shared machine can spoil one or two
 
 
 def _sim_summary(times, reqs, what: str):
@@ -351,19 +350,26 @@ def _sim_summary(times, reqs, what: str):
     return summarize([RequestTimeline(r.id, r.arrival_s, [float(x) for x in times[r.id]], r.prompt_len) for r in reqs])
 
 
-@LAB.criterion("simulate_validates", "correctness", 2, exercise="simulate", timeout_s=300)
+# performance, not correctness: it rests on wall-clock runs, so a busy machine can spoil it (then it says so), and
+# its tolerance is the threshold table's number ("04_disaggregation/simulate_validates": blocked where none is measured)
+@LAB.criterion("simulate_validates", "performance", 2, exercise="simulate", timeout_s=300, gate=("simulate_matches",))
 def simulate_validates(learner: Learner, ctx: Context) -> Outcome:
     """A real 1P + 1D run (the reference workers: two processes, 1 thread each) of a hidden mixed trace at 8
     requests/s; Costs fitted to that run (``costs_from_run``); your simulate of the same trace with them: its median
-    TTFT and median TPOT within 20% of the run's. The first of up to 3 runs that agrees counts: a constant-cost
-    model cannot follow a shared machine whose speed drifts within a run (the model's own error on a steady run
-    is within about 12%; see the lab's README)."""
+    TTFT and median TPOT within the threshold (CPU: 20%) of the run's. The first of up to 4 runs that agrees counts:
+    a constant-cost model cannot follow a shared machine whose speed drifts within a run (on a 2-core VM about 2 runs
+    in 3 land within 20%, 1 in 2 within 15%; a simulator that prices a decode step without its batch or without the
+    KV it reads missed in each of 20 runs, TPOT 30-76% low; see the lab's README). A handover that costs nothing is
+    not caught here: on one machine it is a few ms of a TTFT of hundreds (simulate_matches catches it)."""
     from servelab.disagg.costs import costs_from_run
     from servelab.disagg.serve import serve_disaggregated
     from servelab.metrics import summarize
     from servelab.reference.disaggregation import decode_worker, prefill_worker  # here, never in the worker
     from servelab.workloads import mixed_trace
 
+    tolerance = ctx.threshold
+    if tolerance is None:
+        raise GradingError("simulate_validates needs its tolerance from the threshold table")
     seed = ctx.rng("validate").randrange(10_000)
     # 40 requests in quick mode too: with fewer, the median TTFT sits where chats' and documents' TTFTs meet, and
     # flips between the two from one run to the next
@@ -381,26 +387,30 @@ def simulate_validates(learner: Learner, ctx: Context) -> Outcome:
         sim = _sim_summary(learner.fn("simulate")(reqs, costs, 1, 1, 16), reqs, what)
         errors = {name: getattr(sim, key) / getattr(real, key) - 1 for name, key in keys}
         tries.append((real, sim, errors))
-        if all(abs(e) <= VALIDATE_TOLERANCE for e in errors.values()):
+        if all(abs(e) <= tolerance for e in errors.values()):
             said = ", ".join(f"median {name} measured {getattr(real, key):.1f} ms, simulated {getattr(sim, key):.1f} "
                              f"ms ({errors[name]:+.0%})" for name, key in keys)
-            return Outcome(True, f"{what}, calibrated on that run: {said}; within {VALIDATE_TOLERANCE:.0%} "
+            return Outcome(True, f"{what}, calibrated on that run: {said}; within {tolerance:.0%} "
                                  f"(run {len(tries)} of up to {VALIDATE_TRIES})",
                            {"errors": errors, "runs": len(tries)})
     said = "; ".join(f"run {i + 1}: " + ", ".join(
         f"{name} measured {getattr(real, key):.1f} ms, simulated {getattr(sim, key):.1f} ms ({errors[name]:+.0%})"
         for name, key in keys) for i, (real, sim, errors) in enumerate(tries))
     worst = {name: [t[2][name] for t in tries] for name, _ in keys}
-    hint = ""  # only where every run missed the same way: one run off is the machine, three alike is the model
-    if all(e < -VALIDATE_TOLERANCE for e in worst["TPOT"]):
+    hint = ""  # only where every run missed the same way: one run off is the machine, all alike is the model
+    if all(e < -tolerance for e in worst["TPOT"]):
         hint = ("every simulated TPOT is too low: a decode step costs decode_step_s(running, prefilling, longest), "
                 "with its whole batch, whether a prefill is busy at its start, and the longest context it reads")
-    elif all(e < -VALIDATE_TOLERANCE for e in worst["TTFT"]):
+    elif all(e < -tolerance for e in worst["TTFT"]):
         hint = ("every simulated TTFT is too low: a prefill starts when its worker is free (requests queue for it), "
                 "and a request is ready transfer_s(prompt_len) after its prefill ended")
+    # the real runs of one trace moving by more than the tolerance among themselves: the machine, not the model
+    moved = max(max(getattr(t[0], key) for t in tries) / min(getattr(t[0], key) for t in tries) - 1 for _, key in keys)
+    busy = f"; but this looks like noise: the measured medians themselves moved {moved:.0%} from run to run (a busy " \
+           "machine). Rerun this check on a quieter machine" if moved > tolerance and not hint else ""
     raise Fail(f"{what}: median TTFT and TPOT, simulated with costs fitted to the same run, are not within "
-               f"{VALIDATE_TOLERANCE:.0%} of measured in any of {len(tries)} runs: {said}", hint,
-               {"errors": [t[2] for t in tries]})
+               f"{tolerance:.0%} of measured in any of {len(tries)} runs: {said}{busy}", hint,
+               {"errors": [t[2] for t in tries], "noise": bool(busy)})
 
 
 # ----------------------------------------------------------------------------- performance
