@@ -45,6 +45,10 @@ THRESHOLDS: dict[str, dict[str, float]] = {
         "03_speculative/lookup_speedup": 1.5,
         # lab 04, mixed trace, p99 TPOT colocated (1 process, 2 threads) / 1P + 1D (2 processes, 1 thread each)
         "04_disaggregation/disagg_tpot": 2.0,  # issue #10's bar; the solution: see the closing note of #10
+        # a tolerance, not a speedup: the largest error of the simulated median TTFT or TPOT against a real 1P + 1D
+        # run calibrated on itself (issue #10 asks ~15%); the solution: both within 15% in 24 of 47 runs, within 20%
+        # in 32 (lab 04's README), so 20% with the first of up to 4 runs counting
+        "04_disaggregation/simulate_validates": 0.20,
     },
     **{gpu: {
         "00_warmup/kv_cache_speedup": 0.8,  # launch-bound at this model size: see above

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from planted import assert_fails
+from planted import assert_fails, planted
 
 import servelab.reference.disaggregation as solution
 from grader.labs import lab04_disagg as lab04
@@ -151,14 +151,40 @@ SIM_BUGS = [
      [("    ready = sorted(((end + costs.transfer_s(r.prompt_len), r) for end, r in handed),",
        "    ready = sorted(((end, r) for end, r in handed),")], "simulate_matches", "token 0"),
     ("simulator: a decode step priced at the batch it started with plus one",
-     [("len(left), any(a <= t < b for a, b in busy))", "len(left) + 1, any(a <= t < b for a, b in busy))")],
+     [("len(left), any(a <= t < b for a, b in busy), longest)", "len(left) + 1, any(a <= t < b for a, b in busy), longest)")],
      "simulate_matches", "decode step"),
+    ("simulator: a decode step priced without the KV it reads",
+     [("any(a <= t < b for a, b in busy), longest)", "any(a <= t < b for a, b in busy))")],
+     "simulate_matches", "decode step"),
+]
+
+# the model checked against a real run: clearly wrong models miss it in every one of the criterion's runs
+VALIDATE_BUGS = [
+    ("simulator: a decode step priced without the KV it reads",
+     [("any(a <= t < b for a, b in busy), longest)", "any(a <= t < b for a, b in busy))")],
+     "simulate_validates", "not within 20%"),
+    ("simulator: a decode step priced as one request's, whatever the batch",
+     [("t += costs.decode_step_s(len(left), any(a <= t < b for a, b in busy), longest)",
+       "t += costs.decode_step_s(1, any(a <= t < b for a, b in busy))")],
+     "simulate_validates", "not within 20%"),
 ]
 
 
 @pytest.mark.parametrize("name,edits,criterion,words", SIM_BUGS, ids=[c[0] for c in SIM_BUGS])
 def test_simulator_bug_fails(name, edits, criterion, words):
     assert_fails(lab04.LAB, solution, name, edits, criterion, words, seed=5)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,edits,criterion,words", VALIDATE_BUGS, ids=[c[0] for c in VALIDATE_BUGS])
+def test_wrong_simulator_misses_the_real_run(name, edits, criterion, words):
+    from grader.spec import Context, run_criterion
+    from grader.thresholds import threshold
+
+    ctx = Context(lab04.LAB.id, quick=True, seed=5, threshold=threshold("cpu", lab04.LAB.id, criterion))
+    res = run_criterion(lab04.LAB.get(criterion), planted(solution, *edits), ctx)
+    assert res.status == "failed" and words in res.message, f"{name}: {res.status}: {res.message}"
+    assert "every simulated TPOT is too low" in res.message and not res.metrics.get("noise")
 
 
 def test_costs_fit_medians_per_size():
@@ -171,12 +197,10 @@ def test_costs_fit_medians_per_size():
         fit_line([])
 
 
-def test_costs_from_run_take_tpot_from_the_intervals_between_tokens():
-    """A hand-made run: request 0 decodes alone at 10 ms a step but waits 40 ms once, while request 1's prefill
-    runs; request 1 then decodes with it. The decode line is the mean of the intervals no prefill overlapped
-    (a TPOT is a mean: the stall counts in it), the overlapped interval gives the slowdown, and each handover runs
-    from the end of the prefill forward to the first token."""
-    from servelab.disagg.costs import costs_from_run, fit_line
+def test_costs_from_run_fit_prefills_and_handovers():
+    """A hand-made run: each prefill forward's time against its prompt, each handover from the end of the prefill
+    forward to the first token; a run whose requests have one token each has no interval to fit a step to."""
+    from servelab.disagg.costs import costs_from_run
     from servelab.engine import Completion, DisaggRun
     from servelab.workloads import Request
 
@@ -188,16 +212,67 @@ def test_costs_from_run_take_tpot_from_the_intervals_between_tokens():
     run.completions = {0: Completion(0, [5] * 6, [0.025, 0.04, 0.05, 0.09, 0.11, 0.12]),
                        1: Completion(1, [5] * 3, [0.10, 0.11, 0.12])}
     costs = costs_from_run(run, reqs)
-    quiet = [0.015, 0.01, 0.02, 0.01] + [0.01, 0.01]  # request 0 at batch 1, 1, 2, 2; request 1 at batch 2, 2
-    assert (costs.decode_base_s, costs.decode_per_seq_s) == pytest.approx(
-        fit_line(list(zip([1, 1, 2, 2, 2, 2], quiet)), __import__("statistics").fmean, rising=True))
-    busy = 0.04 / (costs.decode_base_s + costs.decode_per_seq_s)  # 0.05 -> 0.09 at batch 1, during the prefill
-    assert costs.decode_slowdown_while_prefill == pytest.approx(busy - 1)
     assert (costs.prefill_base_s, costs.prefill_per_token_s) == pytest.approx((0.0, 0.0002))
     assert costs.transfer_s(100) == pytest.approx(0.005) and costs.transfer_s(200) == pytest.approx(0.01)
+    assert min(costs.decode_base_s, costs.decode_per_seq_s, costs.decode_per_kv_token_s,
+               costs.decode_slowdown_while_prefill) >= 0
     run.completions = {0: Completion(0, [5], [0.025])}
     with pytest.raises(ValueError, match="at least two tokens"):
         costs_from_run(run, reqs)
+
+
+def test_a_prefill_turn_runs_to_the_next_forward_when_the_next_request_waited():
+    from servelab.disagg.costs import prefill_turns
+    from servelab.engine import Completion, DisaggRun
+    from servelab.workloads import Request
+
+    reqs = [Request(0, [1] * 100, 2, 0.0), Request(1, [1] * 50, 2, 0.01), Request(2, [1] * 80, 2, 0.5)]
+    run = DisaggRun("test", {i: Completion(i, [5], [1.0]) for i in range(3)}, 0, 4)
+    run.prefill_forwards = [[1, 100, 0.0, 0.02], [1, 50, 0.025, 0.01], [1, 80, 0.5, 0.015]]
+    # request 1 waited for request 0: its turn ran on to 0.025 (the sends); request 2 came after the worker idled
+    assert prefill_turns(run, reqs) == [(100, 0.025), (50, 0.01), (80, 0.015)]
+
+
+def test_costs_from_run_recover_the_decode_costs_that_made_a_run():
+    """A decode side whose every step cost exactly what Costs says (a whole batch; the longest context, a
+    500-token prompt among 10- and 100-token ones; half as much again while a prefill runs): the fit gives back
+    the decode line, its KV term and the slowdown, from the intervals between each request's tokens."""
+    from servelab.disagg.costs import Costs, costs_from_run, decode_intervals
+    from servelab.engine import Completion, DisaggRun
+    from servelab.workloads import Request
+
+    true = Costs(0.01, 2e-4, 0.004, 0.0005, 0.003, 1e-5, 0.5, 3e-6)
+    reqs = [Request(0, [1] * 10, 31, 0.0), Request(1, [1] * 500, 9, 0.0), Request(2, [1] * 100, 21, 0.0)]
+    joins = {0: 0, 1: 5, 2: 10}  # the step before which each is admitted
+    run = DisaggRun("synthetic", {}, 0, 16)
+    run.prefill_forwards = [[1, 10, -0.1, 0.01], [1, 500, 0.02, 0.11], [1, 100, 0.16, 0.03]]
+    spans = [(f[2], f[2] + f[3]) for f in run.prefill_forwards]
+    t, tokens = 0.0, {}
+    for step in range(30):
+        tokens.update({r.id: [t] for r in reqs if joins[r.id] == step})
+        running = [r for r in reqs if r.id in tokens and len(tokens[r.id]) < r.max_new_tokens]
+        longest = max(r.prompt_len + len(tokens[r.id]) for r in running)
+        dt = true.decode_step_s(len(running), any(a <= t < b for a, b in spans), longest)
+        run.decode_forwards.append([len(running), 1, t, dt * 0.9])  # the forward is most of a step
+        t += dt
+        for r in running:
+            tokens[r.id].append(t)
+    run.completions = {i: Completion(i, [5] * len(ts), ts) for i, ts in tokens.items()}
+    steps = decode_intervals(run, reqs, spans)
+    assert len(steps) == 30 + 8 + 20 and max(n for _, n, _, _ in steps) == 500 + 8
+    got = costs_from_run(run, reqs)
+    for field in ("decode_base_s", "decode_per_seq_s", "decode_per_kv_token_s", "decode_slowdown_while_prefill"):
+        assert getattr(got, field) == pytest.approx(getattr(true, field), rel=1e-4), field
+
+
+def test_fit_rising_drops_a_falling_slope():
+    from servelab.disagg.costs import fit_rising
+
+    rows = [(1, 10), (2, 5), (3, 40), (4, 20)]
+    assert fit_rising(rows, [1 + 2 * a + 0.1 * b for a, b in rows]) == pytest.approx([1, 2, 0.1])
+    rows = [(1, 5), (2, 1), (3, 4), (4, 2)]
+    base, up, down = fit_rising(rows, [1 + 2 * a - 0.5 * b for a, b in rows])
+    assert down == 0 and up > 0  # refitted without the falling one, never a negative cost per unit
 
 
 def test_fit_line_weights_each_size_by_its_points():

@@ -40,7 +40,7 @@ def test_check_gpu_dry_run_lists_every_step_and_runs_nothing():
     res = run("scripts/check_gpu.py", "--dry-run", "--device", "cpu")
     assert res.returncode == 0, res.stdout + res.stderr
     lines = res.stdout.splitlines()
-    assert lines[0] == "would run on cpu:" and "grade 04_disaggregation: disagg_tpot, multi_gpu_nccl" in res.stdout
+    assert lines[0] == "would run on cpu:" and "grade 04_disaggregation: simulate_validates, disagg_tpot, multi_gpu_nccl" in res.stdout
     assert lines[-1].endswith("tour: `servelab tour` runs to the end on this device") and "tokens/s =" not in res.stdout
     bad = run("scripts/check_gpu.py", "--dry-run", "--labs", "05_nope")
     assert bad.returncode == 2 and "no lab ['05_nope']" in bad.stderr

@@ -352,7 +352,7 @@ def simulate(requests: list[Request], costs: Costs, num_prefill: int = 1, num_de
                    key=lambda x: (x[0], x[1].id))
     times: dict[int, list[float]] = {}
     for queue in (ready[d::num_decode] for d in range(num_decode)):
-        t, i, left = 0.0, 0, {}  # left: request id -> tokens still to decode
+        t, i, left, prompt = 0.0, 0, {}, {}  # left: request id -> tokens still to decode
         while i < len(queue) or left:
             if not left:
                 t = max(t, queue[i][0])  # idle: wait for the next request to arrive
@@ -362,8 +362,10 @@ def simulate(requests: list[Request], costs: Costs, num_prefill: int = 1, num_de
                 times[r.id] = [t]  # admitted between steps: its first token is out now
                 if r.max_new_tokens > 1:
                     left[r.id] = r.max_new_tokens - 1
+                    prompt[r.id] = r.prompt_len
             if left:
-                t += costs.decode_step_s(len(left), any(a <= t < b for a, b in busy))
+                longest = max(prompt[rid] + len(times[rid]) for rid in left)  # the KV this step reads, per row
+                t += costs.decode_step_s(len(left), any(a <= t < b for a, b in busy), longest)
                 for rid in list(left):
                     times[rid].append(t)
                     left[rid] -= 1
