@@ -384,7 +384,7 @@ def simulate_validates(learner: Learner, ctx: Context) -> Outcome:
     keys = (("TTFT", "median_ttft_ms"), ("TPOT", "median_tpot_ms"))
     tries = []
     for _ in range(VALIDATE_TRIES):
-        run = serve_disaggregated(prefill_worker, decode_worker, ctx.model(), reqs, None, overlap=True,
+        run = serve_disaggregated(prefill_worker, decode_worker, host_model(ctx), reqs, None, overlap=True,
                                   timeout_s=120, threads_per_rank=1, max_running=16, num_blocks=1024, block_size=16)
         if any(run.rank_errors.values()):
             raise GradingError(f"the reference workers failed on {what}: {run.rank_errors}")
