@@ -292,7 +292,7 @@ class Handles:
         engine, model = sys.modules.get("servelab.engine"), sys.modules.get("servelab.model")
         torch = sys.modules.get("torch")
         if model is not None and isinstance(x, model.CausalLM):
-            return {"$model": model_name(x), **model_dtype(x), "device": _model_key(x)[2]}
+            return model_handle(x)
         if isinstance(x, RecordingModel):
             return {"$probe": self._add(x), "model": self.model(x.model), "record": True, "logits": bool(x.logits)}
         if isinstance(x, CountingModel):
@@ -407,15 +407,11 @@ def _int(x) -> int:
     return x
 
 
-def model_name(model) -> str | None:
-    """The name the harness loaded ``model`` under (``Context.model(name)``), for the worker to load it too."""
-    return _model_key(model)[1]
-
-
-def model_dtype(model) -> dict:
-    """{"dtype": "bfloat16"} for a model ``Context.model(name, dtype)`` loaded in a dtype it named, else {}."""
-    key = _model_key(model)
-    return {"dtype": key[3]} if len(key) > 3 else {}
+def model_handle(model) -> dict:
+    """What the worker needs to load ``model`` too: the name, device and (where one was named) dtype it was
+    loaded under through ``Context.model``."""
+    key = _model_key(model)  # ("model", name, device[, dtype])
+    return {"$model": key[1], **({"dtype": key[3]} if len(key) > 3 else {}), "device": key[2]}
 
 
 def _model_key(model) -> tuple:

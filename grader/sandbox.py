@@ -232,7 +232,7 @@ def cuda_refused_in_sandbox(check: str = CUDA_CHECK, gpu_safe: bool = False, tim
     code = ("import pathlib\nfrom grader.sandbox import _namespaces\n"
             f"_namespaces(str(pathlib.Path.cwd()), gpu_safe={gpu_safe})\n" + check)
     root = str(Path(__file__).resolve().parents[1])
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [root, os.environ.get("PYTHONPATH")] if p))
     with tempfile.TemporaryDirectory(prefix="servelab-cuda-probe-") as work:
         try:
             proc = subprocess.run([sys.executable, "-c", code], cwd=work, env=env, capture_output=True, text=True,
@@ -293,8 +293,8 @@ def _namespaces(work: str, hide: list[str] | tuple[str, ...] = (), gpu_safe: boo
     """Enter the namespaces. ``gpu_safe``: no PID namespace and no read-only remount, which break CUDA on some
     machines (``cuda_isolation``; ``why``: what the full sandbox got there)."""
     if not sys.platform.startswith("linux"):
-        why = f"not isolated: {sys.platform} has no namespaces the grader can enter unprivileged"
-        return {"network": why, "filesystem": why, "processes": why}
+        off = f"not isolated: {sys.platform} has no namespaces the grader can enter unprivileged"
+        return {"network": off, "filesystem": off, "processes": off}
     import ctypes
 
     libc = ctypes.CDLL(None, use_errno=True)
@@ -306,11 +306,11 @@ def _namespaces(work: str, hide: list[str] | tuple[str, ...] = (), gpu_safe: boo
                      if gpu_safe else f"not isolated: no PID namespace (unshare: {os.strerror(ctypes.get_errno())})")
         if libc.unshare(base) != 0:  # without a mount namespace of its own, nothing below may run
             err = ctypes.get_errno()
-            why = (
+            off = (
                 f"not isolated: this kernel refused a user namespace (unshare: {os.strerror(err)}); e.g. "
                 "sysctl kernel.unprivileged_userns_clone=1 or a container that allows it"
             )
-            return {"network": why, "filesystem": why, "processes": why}
+            return {"network": off, "filesystem": off, "processes": off}
     state = {"network": "isolated: a network namespace with only loopback", "processes": processes}
     try:
         _loopback_up()

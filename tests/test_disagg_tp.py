@@ -2,26 +2,19 @@
 each rank's paged cache holds its slice of the single-rank cache's KV heads."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
-from servelab.config import ModelConfig
 from servelab.disagg.launch import run_ranks
 from servelab.disagg.tp import head_slice, shard_config, shard_model
 from servelab.model import CausalLM
 from servelab.paged.cache import PagedKVCache
+from test_step_metadata import tiny_model as step_metadata_tiny_model
 
 
-def tiny_model(qkv_bias: bool = False, mlp_bias: bool = False, tie: bool = False) -> CausalLM:
-    torch.manual_seed(0)
-    cfg = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=3,
-                      num_heads=4, num_kv_heads=2, head_dim=8, max_position=128, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, rope_scaling=None, qkv_bias=qkv_bias, mlp_bias=mlp_bias,
-                      tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None)
-    model = CausalLM(cfg).eval()
-    for p in model.parameters():  # random, not zeros: every weight, bias included, must matter
-        torch.nn.init.normal_(p, std=0.3)
-    return model
+tiny_model = functools.partial(step_metadata_tiny_model, intermediate=48)  # random weights, biases when asked
 
 
 def _forward(model: CausalLM, ids: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:

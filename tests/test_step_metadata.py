@@ -14,14 +14,15 @@ from servelab.model import CausalLM, DecoderLayer
 from servelab.reference.warmup import greedy_decode
 
 
-def tiny_model(dev: str | torch.device = "cpu") -> CausalLM:
+def tiny_model(dev: str | torch.device = "cpu", *, intermediate: int = 64, qkv_bias: bool = False,
+               mlp_bias: bool = False, tie: bool = False) -> CausalLM:
     torch.manual_seed(0)
-    cfg = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3,
+    cfg = ModelConfig(architecture="llama", vocab_size=97, hidden_size=32, intermediate_size=intermediate, num_layers=3,
                       num_heads=4, num_kv_heads=2, head_dim=8, max_position=128, rms_norm_eps=1e-5,
-                      rope_theta=10000.0, rope_scaling=None, qkv_bias=False, mlp_bias=False,
-                      tie_word_embeddings=False, bos_token_id=None, eos_token_id=None)
+                      rope_theta=10000.0, rope_scaling=None, qkv_bias=qkv_bias, mlp_bias=mlp_bias,
+                      tie_word_embeddings=tie, bos_token_id=None, eos_token_id=None)
     model = CausalLM(cfg).eval()
-    for p in model.parameters():  # random, not zeros: every layer's output must matter
+    for p in model.parameters():  # random, not zeros: every weight, bias included, must matter
         torch.nn.init.normal_(p, std=0.3)
     return model.to(dev)  # drawn on the CPU: the same weights on any device
 
