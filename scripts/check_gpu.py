@@ -109,10 +109,14 @@ def graphs_vs_eager(device: str, new_tokens: int = 48) -> dict:
     """Lab 00's cached decode of the shipped target, eager and through ``with_cuda_graphs`` (recorded on a GPU,
     whatever $SERVELAB_CUDA_GRAPHS says), each step's logits against a no-cache forward of the same tokens:
     which path leaves the reference, at which step, and by how much (the first H200 run saw graphed and eager
-    logits part by up to 0.6 from the 2nd replay without telling which was wrong)."""
+    logits part by up to 0.6 from the 2nd replay without telling which was wrong). A third path records the
+    graphs with SDPA held to its math backend: if only that one stays on the reference, a fused attention
+    kernel (cuDNN's or the memory-efficient one, chosen per shape) is what replays wrongly, not the graph."""
+    import contextlib
     from unittest import mock
 
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from servelab import load_model
     from servelab.device import CUDA_GRAPHS_ENV
@@ -135,9 +139,12 @@ def graphs_vs_eager(device: str, new_tokens: int = 48) -> dict:
         model = load_model(device=device)
         prompt = list(range(3, 40))
         out = {}
-        for name, m in (("eager", model), ("cuda_graphs", with_cuda_graphs(model))):
+        paths = (("eager", model, contextlib.nullcontext), ("cuda_graphs", with_cuda_graphs(model), contextlib.nullcontext),
+                 ("cuda_graphs_math_sdpa", with_cuda_graphs(model), lambda: sdpa_kernel(SDPBackend.MATH)))
+        for name, m, backends in paths:
             logged = Logged(m)
-            tokens = greedy_decode(logged, prompt, new_tokens)
+            with backends():
+                tokens = greedy_decode(logged, prompt, new_tokens)
             ref = [model(torch.tensor([prompt + tokens[:i]]))[0, -1].float().cpu() for i in range(len(tokens))]
             diffs = [float((a - b).abs().max()) for a, b in zip(logged.logits, ref)]
             worst = max(range(len(diffs)), key=diffs.__getitem__)

@@ -113,6 +113,6 @@ def test_graphs_vs_eager_check_runs_here():
     check_gpu = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(check_gpu)
     got = check_gpu.graphs_vs_eager("cpu", new_tokens=12)
-    assert set(got) == {"eager", "cuda_graphs"}
+    assert set(got) == {"eager", "cuda_graphs", "cuda_graphs_math_sdpa"}
     for v in got.values():
         assert v["tokens_equal_reference"] and v["max_abs_logit_diff"] < 1e-3, got
