@@ -233,13 +233,12 @@ def roofline_decode(device: str, bandwidth: float, new_tokens: int = 64, repeats
 def steps(device: str, args) -> list[tuple[str, str]]:
     """(step, what it checks and its bar here), in the order they run."""
     gpu = device == "cuda"
-    out = [("ceilings", "copy bandwidth and matmul rate (no bar: the yardstick)"),
-           ("decode", "shipped target, batch 1, lab 00's cached decode" + (f" (bar >= {GPU_DECODE_BAR:.0f} tokens/s)"
-                                                                         if gpu else " (no bar on a CPU)")),
-           ("roofline", f"{'bench-1b' if gpu else 'bench-tiny'}, batch 1, eager and with CUDA graphs: fraction of "
-                        "the roofline" + (f" (bar with graphs >= {ROOFLINE_GOAL:.0%})" if gpu else " (no bar on a CPU)"))]
-    if getattr(args, "skip_decode", False):
-        out = []
+    out = [] if getattr(args, "skip_decode", False) else [
+        ("ceilings", "copy bandwidth and matmul rate (no bar: the yardstick)"),
+        ("decode", "shipped target, batch 1, lab 00's cached decode" + (f" (bar >= {GPU_DECODE_BAR:.0f} tokens/s)"
+                                                                      if gpu else " (no bar on a CPU)")),
+        ("roofline", f"{'bench-1b' if gpu else 'bench-tiny'}, batch 1, eager and with CUDA graphs: fraction of "
+                     "the roofline" + (f" (bar with graphs >= {ROOFLINE_GOAL:.0%})" if gpu else " (no bar on a CPU)"))]
     if not args.skip_grader:
         for lab, ids in grading_plan(device, args.labs).items():
             out.append((f"grade {lab}", f"{', '.join(ids)}: each passed, or blocked with its reason"))

@@ -15,6 +15,16 @@ def run(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600)
 
 
+def load_check_gpu():
+    """scripts/check_gpu.py as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("check_gpu", ROOT / "scripts" / "check_gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.slow
 def test_check_gpu_measures_decode_on_the_cpu(tmp_path):
     res = run("scripts/check_gpu.py", "--device", "cpu", "--labs", "00_warmup", "--skip-tour", "--json",
@@ -49,11 +59,8 @@ def test_check_gpu_dry_run_lists_every_step_and_runs_nothing():
 def test_check_gpu_plans_the_gpu_steps(monkeypatch):
     """The CUDA plan, built here: lab 02's kernels at GPU sizes first, every lab's gpu criteria, bench-1b."""
     import argparse
-    import importlib.util
 
-    spec = importlib.util.spec_from_file_location("check_gpu", ROOT / "scripts" / "check_gpu.py")
-    check_gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_gpu)
+    check_gpu = load_check_gpu()
     plan = check_gpu.grading_plan("cuda")
     assert plan["02_paged_attention"][:4] == check_gpu.GPU_CORRECTNESS["02_paged_attention"] and "split_kv_bandwidth" in plan["02_paged_attention"]
     assert "gpu_hf_pair" in plan["03_speculative"] and "multi_gpu_nccl" in plan["04_disaggregation"]
@@ -107,12 +114,7 @@ def test_quickstart_on_a_cpu_machine_installs_the_cpu_torch(tmp_path):
 def test_graphs_vs_eager_check_runs_here():
     """check_gpu's correctness probe of the graphed path (its first real use is on a GPU): on this CPU both paths
     stay on the no-cache forward's tokens, within float rounding."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("check_gpu", ROOT / "scripts" / "check_gpu.py")
-    check_gpu = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(check_gpu)
-    got = check_gpu.graphs_vs_eager("cpu", new_tokens=12)
+    got = load_check_gpu().graphs_vs_eager("cpu", new_tokens=12)
     assert set(got) == {"eager", "cuda_graphs", "cuda_graphs_math_sdpa"}
     for v in got.values():
         assert v["tokens_equal_reference"] and v["max_abs_logit_diff"] < 1e-3, got
